@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,20 @@ def _parse_option(text: str) -> tuple[str, object]:
     return key.strip(), yaml.safe_load(value)
 
 
+def _sections(args: argparse.Namespace) -> dict:
+    """The validated params.yaml sections when --params is given, else every section's defaults."""
+    from qfm.config import SECTIONS, load_params, parse_section
+
+    if getattr(args, "params", None):
+        return load_params(args.params)
+    return {name: parse_section(name, {}) for name in SECTIONS}
+
+
+def _pick(flag: object, default: object) -> object:
+    """A command-line flag overrides the params file."""
+    return default if flag is None else flag
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from qfm.data.adapters import ADAPTERS, read_dataset
     from qfm.data.manifest import build_manifest, write_manifest
@@ -32,23 +45,31 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         for name in sorted(ADAPTERS):
             print(f"{name:10s} {ADAPTERS[name].description}")
         return 0
-    if not args.format or not args.root or not args.out:
-        raise ConfigError("qfm ingest needs --format, --root and --out (see `qfm ingest --help`)")
+    params = _sections(args)
+    ingest, splits = params["ingest"], params["splits"]
+    fmt = _pick(args.format, ingest.format if args.params else None)
+    root = _pick(args.root, ingest.root if args.params else None)
+    if not fmt or not root or not args.out:
+        raise ConfigError("qfm ingest needs --format, --root and --out, or --params with an ingest section "
+                          "(see `qfm ingest --help`)")
     started = time.perf_counter()
-    options = dict(_parse_option(o) for o in args.option)
+    options = dict(ingest.options) | dict(_parse_option(o) for o in args.option)
     try:
-        raw = read_dataset(args.format, args.root, **options)
-    except TypeError as exc:  # an --option the adapter does not take
-        raise ConfigError(f"format '{args.format}' does not take that --option: {exc}") from exc
-    protocol = SplitProtocol(n_splits=args.n_splits, test_fraction=args.test_fraction,
-                             val_fraction=args.val_fraction, seed=args.split_seed)
-    manifest = build_manifest(raw, protocol, skip_invalid=args.skip_invalid, progress=not args.quiet)
+        raw = read_dataset(fmt, root, **options)
+    except TypeError as exc:  # an option the adapter does not take
+        raise ConfigError(f"format '{fmt}' does not take that option: {exc}") from exc
+    protocol = SplitProtocol(n_splits=_pick(args.n_splits, splits.n_splits),
+                             test_fraction=_pick(args.test_fraction, splits.test_fraction),
+                             val_fraction=_pick(args.val_fraction, splits.val_fraction),
+                             seed=_pick(args.split_seed, splits.seed))
+    skip = args.skip_invalid or ingest.skip_invalid
+    manifest = build_manifest(raw, protocol, skip_invalid=skip, progress=not args.quiet)
     path = write_manifest(manifest, args.out)
     meta = manifest.meta
     print(f"ingested {meta['n_images']} images of '{meta['dataset']}' into {path} "
           f"({len(manifest.split_columns)} splits, {time.perf_counter() - started:.1f} s)")
     if meta["n_skipped"]:
-        print(f"skipped {meta['n_skipped']} rows on request (--skip-invalid); the list and reasons are in "
+        print(f"skipped {meta['n_skipped']} rows on request (skip_invalid); the list and reasons are in "
               f"{Path(args.out) / 'ingest_report.json'}")
     return 0
 
@@ -57,10 +78,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from qfm.data.manifest import read_manifest
     from qfm.data.validate import validate_manifest
 
+    limits = _sections(args)["validate"]
     manifest = read_manifest(args.manifest)
     report_dir = Path(args.report) if args.report else Path(args.manifest if Path(args.manifest).is_dir()
                                                              else Path(args.manifest).parent)
-    result = validate_manifest(manifest, min_width=args.min_width, min_height=args.min_height,
+    result = validate_manifest(manifest, min_width=_pick(args.min_width, limits.min_width),
+                               min_height=_pick(args.min_height, limits.min_height),
                                report_dir=report_dir, progress=not args.quiet)
     print(result.summary())
     print(f"report: {report_dir / 'validation.json'}")
@@ -71,7 +94,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from qfm.data.demo import make_demo
 
     started = time.perf_counter()
-    summary = make_demo(Path(args.out), seed=args.seed)
+    seed = _pick(args.seed, _sections(args)["demo"].seed)
+    summary = make_demo(Path(args.out), seed=seed)
     print(f"demo dataset written to {args.out} in {time.perf_counter() - started:.1f} s: {summary}")
     return 0
 
@@ -102,11 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an adapter option (repeatable), e.g. score_column=MOS for --format csv")
     ingest.add_argument("--skip-invalid", action="store_true",
                         help="leave out bad rows instead of stopping; each is listed in the report")
-    ingest.add_argument("--n-splits", type=int, default=10, help="number of train/test splits (default 10)")
-    ingest.add_argument("--test-fraction", type=float, default=0.2, help="test share of content (default 0.2)")
-    ingest.add_argument("--val-fraction", type=float, default=0.125,
+    ingest.add_argument("--n-splits", type=int, help="number of train/test splits (default 10)")
+    ingest.add_argument("--test-fraction", type=float, help="test share of content (default 0.2)")
+    ingest.add_argument("--val-fraction", type=float,
                         help="validation share of the train part, for model selection (default 0.125)")
-    ingest.add_argument("--split-seed", type=int, default=2024, help="seed of the splits (default 2024)")
+    ingest.add_argument("--split-seed", type=int, help="seed of the splits (default 2024)")
+    ingest.add_argument("--params", metavar="FILE", help="read defaults from this params.yaml (flags override)")
     ingest.add_argument("--list-formats", action="store_true", help="list the known formats and exit")
     ingest.add_argument("--quiet", action="store_true", help="no progress bars")
     ingest.set_defaults(func=cmd_ingest)
@@ -119,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "1 naming each failed expectation.")
     validate.add_argument("manifest", help="a manifest.parquet or the folder holding it")
     validate.add_argument("--report", help="folder for the report (default: the manifest's folder)")
-    validate.add_argument("--min-width", type=int, default=224, help="smallest allowed image width")
-    validate.add_argument("--min-height", type=int, default=224, help="smallest allowed image height")
+    validate.add_argument("--min-width", type=int, help="smallest allowed image width (default 224)")
+    validate.add_argument("--min-height", type=int, help="smallest allowed image height (default 224)")
+    validate.add_argument("--params", metavar="FILE", help="read defaults from this params.yaml (flags override)")
     validate.add_argument("--quiet", action="store_true", help="no progress bars")
     validate.set_defaults(func=cmd_validate)
 
@@ -131,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "mapped to a 0-100 MOS-like scale (synthetic, not human scores), plus an unlabelled pool "
                     "for pseudo-labelling. Deterministic for a seed. Ingest it with --format demo.")
     demo.add_argument("--out", required=True, help="output folder")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument("--seed", type=int, help="random seed (default 0)")
+    demo.add_argument("--params", metavar="FILE", help="read defaults from this params.yaml (flags override)")
     demo.set_defaults(func=cmd_demo_data)
     return parser
 
@@ -148,14 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"qfm {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _json_default(value: object) -> str:
-    return str(value)
-
-
-def dump_json(data: dict) -> str:
-    return json.dumps(data, indent=2, default=_json_default)
 
 
 if __name__ == "__main__":

@@ -5,4 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 dvc repro "$@"
-qfm summary --artifacts artifacts || true
+echo
+echo "qfm: demo pipeline done. Where to look:"
+echo "  manifest and ingest report: artifacts/ingest/manifest.parquet, artifacts/ingest/ingest_report.json"
+echo "  validation report:          artifacts/validate/validation.html (and .json)"

@@ -4,7 +4,8 @@ Columns (one row per scored image):
   image_id (str, unique), path (str, relative to the dataset root), mos (float in [0, 1], higher = better),
   mos_raw (float, as published), mos_std (float, NaN where not published), content_id (str: the reference
   image for synthetic datasets, the image itself for authentic ones), distortion_type (str or null),
-  distortion_level (float or NaN), dataset (str), split_0 … split_{n-1} ('train' / 'val' / 'test').
+  distortion_level (float or NaN), dataset (str), split_0 … split_{n-1} ('train' / 'val' / 'test'), and
+  official_split where the release publishes one.
 The Parquet schema metadata key ``qfm`` holds the score scale, the split protocol, the dataset root
 (relative to the manifest's folder when it can be) and what was skipped, if the user opted in to skipping.
 """
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from qfm.data.images import check_image
-from qfm.data.splits import SplitProtocol, make_splits, split_columns
+from qfm.data.splits import SplitProtocol, make_splits
 from qfm.errors import DataError
 
 MANIFEST_FILE = "manifest.parquet"
@@ -143,9 +144,10 @@ def check_files(table: pd.DataFrame, root: Path, skip_invalid: bool, workers: in
     return table[ok], problems, sizes
 
 
-def build_manifest(raw: RawDataset, protocol: SplitProtocol = SplitProtocol(), skip_invalid: bool = False,
+def build_manifest(raw: RawDataset, protocol: SplitProtocol | None = None, skip_invalid: bool = False,
                    check_images: bool = True, progress: bool = True) -> Manifest:
     """Check an adapter's raw table, normalise scores to [0, 1] and add the split columns."""
+    protocol = protocol or SplitProtocol()
     table = raw.table.copy()
     missing = [c for c in RAW_REQUIRED if c not in table.columns]
     if missing:
@@ -180,6 +182,8 @@ def build_manifest(raw: RawDataset, protocol: SplitProtocol = SplitProtocol(), s
         "distortion_level": pd.to_numeric(table["distortion_level"], errors="coerce").astype(float),
         "dataset": pd.Series([raw.dataset] * len(table), dtype="string"),
     })
+    if "official_split" in table.columns:  # a split published with the release (e.g. KonIQ's sets file)
+        frame["official_split"] = table["official_split"].astype("string")
     frame = pd.concat([frame, make_splits(frame["content_id"], protocol).astype("string")], axis=1)
     meta = {
         "dataset": raw.dataset,

@@ -42,8 +42,9 @@ def split_columns(n_splits: int) -> list[str]:
     return [f"split_{i}" for i in range(n_splits)]
 
 
-def make_splits(content_ids: Sequence[str], protocol: SplitProtocol = SplitProtocol()) -> pd.DataFrame:
+def make_splits(content_ids: Sequence[str], protocol: SplitProtocol | None = None) -> pd.DataFrame:
     """One column per split, values 'train'/'val'/'test'; no content_id is in two parts of a split."""
+    protocol = protocol or SplitProtocol()
     content = pd.Series(list(content_ids), dtype="string")
     groups = np.array(sorted(content.unique()))
     n = len(groups)

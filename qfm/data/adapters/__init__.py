@@ -7,6 +7,7 @@ in a module of this package and importing that module below.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,4 +72,5 @@ def require_columns(columns, needed: list[str], file: Path) -> None:
 
 
 # Adapter modules register themselves on import.
-from qfm.data.adapters import authentic, csv_generic, synthetic  # noqa: E402,F401
+for _module in ("authentic", "synthetic", "csv_generic"):
+    importlib.import_module(f"{__name__}.{_module}")
