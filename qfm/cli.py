@@ -76,7 +76,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from qfm.data.manifest import read_manifest
-    from qfm.data.validate import validate_manifest
+    from qfm.data.validate import raise_if_failed, validate_manifest
 
     limits = _sections(args)["validate"]
     manifest = read_manifest(args.manifest)
@@ -85,9 +85,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     result = validate_manifest(manifest, min_width=_pick(args.min_width, limits.min_width),
                                min_height=_pick(args.min_height, limits.min_height),
                                report_dir=report_dir, progress=not args.quiet)
+    raise_if_failed(result, report_dir)
     print(result.summary())
-    print(f"report: {report_dir / 'validation.json'}")
-    return 0 if result.success else 1
+    print(f"report: {report_dir / 'validation.html'} (and validation.json)")
+    return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the validation suite on a manifest: required columns, no nulls, unique ids, mos in "
                     "[0,1], raw scores inside the declared range, content-disjoint splits, every image "
                     "present, decodable and large enough. Writes validation.json and validation.html; exits "
-                    "1 naming each failed expectation.")
+                    "2 naming each failed expectation.")
     validate.add_argument("manifest", help="a manifest.parquet or the folder holding it")
     validate.add_argument("--report", help="folder for the report (default: the manifest's folder)")
     validate.add_argument("--min-width", type=int, help="smallest allowed image width (default 224)")

@@ -1,0 +1,345 @@
+"""The built-in demo dataset: photographs shipped inside scikit-image, distorted and scored on the fly.
+
+Synthetic, not human: every distorted image is scored by a full-reference measure against its reference,
+MOS = 100 * SSIM(luma) * exp(-mean CIE76 colour difference / 30), so structure and colour both count. Layout:
+
+  out_dir/images/<ref>_<distortion>_<level>.png   scored images (scores.csv: image, mos, ref, distortion, level)
+  out_dir/pool/<ref>_<distortion>_<level>.png     unlabelled pool for DLE (pool.csv: image, content_id)
+  out_dir/refs/<ref>.png                          the undistorted references
+  out_dir/DEMO.md                                 what this is and how it was made
+
+Paths in both CSVs are relative to out_dir. Deterministic for a seed; re-running into the same folder
+rewrites the same bytes and removes images a previous run with other counts left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+from tqdm.auto import tqdm
+
+from qfm.errors import ConfigError
+
+SCORES_FILE = "scores.csv"
+POOL_FILE = "pool.csv"
+README_FILE = "DEMO.md"
+IMAGES_DIR, POOL_DIR, REFS_DIR = "images", "pool", "refs"
+MOS_MIN, MOS_MAX = 0.0, 100.0
+COLOUR_SCALE = 30.0  # mean CIE76 colour difference at which the colour factor is 1/e
+SCORE_DESCRIPTION = ("synthetic full-reference score, not human opinion: "
+                     "MOS = 100 * SSIM(luma) * exp(-mean CIE76 delta E / 30) against the reference")
+
+# Real photographs that ship inside the scikit-image wheel (no download), natural scenes first. Colour
+# ones first within each group, so small n_references still get every distortion type.
+REFERENCES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "camera", "coins", "moon",
+              "immunohistochemistry", "brick", "grass", "gravel", "retina", "hubble_deep_field", "page", "text")
+
+ArrayFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """A distortion and its strength from the mildest level to the strongest."""
+
+    name: str
+    apply: ArrayFn
+    mild: float
+    strong: float
+    unit: str
+    geometric: bool = True
+
+    def strengths(self, n_levels: int) -> list[float]:
+        steps = np.linspace(0.0, 1.0, n_levels)
+        if self.geometric:
+            values = self.mild * (self.strong / self.mild) ** steps
+        else:
+            values = self.mild + (self.strong - self.mild) * steps
+        return [round(float(v), 4) for v in values]
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _blur(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return _to_uint8(gaussian_filter(img.astype(np.float32), sigma=(sigma, sigma, 0)))
+
+
+def _noise(img: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    return _to_uint8(img + rng.normal(0.0, sigma, img.shape))
+
+
+def _jpeg(img: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarray:
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, "JPEG", quality=round(quality))
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB"))
+
+
+def _contrast(img: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    mean = img.astype(np.float64).mean()
+    return _to_uint8((img - mean) * factor + mean)
+
+
+def _saturation(img: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(ImageEnhance.Color(Image.fromarray(img)).enhance(factor))
+
+
+def _pixelate(img: np.ndarray, block: float, rng: np.random.Generator) -> np.ndarray:
+    size = img.shape[1], img.shape[0]
+    small = Image.fromarray(img).resize((max(1, round(size[0] / block)), max(1, round(size[1] / block))),
+                                        Image.Resampling.BOX)
+    return np.asarray(small.resize(size, Image.Resampling.NEAREST))
+
+
+def _salt_pepper(img: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    out = img.copy()
+    hit = rng.random(img.shape[:2]) < fraction
+    out[hit] = np.where(rng.random(int(hit.sum())) < 0.5, 0, 255)[:, None].astype(np.uint8)
+    return out
+
+
+def _brightness(img: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    return _to_uint8(img.astype(np.float32) * factor)
+
+
+def _down_up(img: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
+    size = img.shape[1], img.shape[0]
+    small = Image.fromarray(img).resize((round(size[0] / factor), round(size[1] / factor)),
+                                        Image.Resampling.BICUBIC)
+    return np.asarray(small.resize(size, Image.Resampling.BICUBIC))
+
+
+DISTORTIONS = {d.name: d for d in (
+    Distortion("blur", _blur, 0.7, 6.0, "Gaussian sigma (px)"),
+    Distortion("noise", _noise, 4.0, 40.0, "Gaussian noise sigma (of 255)"),
+    Distortion("jpeg", _jpeg, 40.0, 5.0, "JPEG quality"),
+    Distortion("contrast", _contrast, 0.7, 0.15, "contrast factor about the mean"),
+    Distortion("saturation", _saturation, 0.6, 0.0, "colour saturation factor", geometric=False),
+)}
+POOL_DISTORTIONS = {d.name: d for d in (
+    Distortion("pixelate", _pixelate, 2.0, 8.0, "block size (px)"),
+    Distortion("saltpepper", _salt_pepper, 0.01, 0.08, "fraction of pixels"),
+    Distortion("brightness", _brightness, 1.3, 2.0, "brightness gain (clipped)"),
+    Distortion("downscale", _down_up, 2.0, 6.0, "down- then up-scaling factor (bicubic)"),
+)}
+MAX_LEVELS = 8
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """What make_demo wrote."""
+
+    out_dir: Path
+    seed: int
+    references: tuple[str, ...]
+    distortions: tuple[str, ...]
+    n_levels: int
+    n_images: int
+    n_pool: int
+    mos_min: float
+    mos_max: float
+
+    def __str__(self) -> str:
+        return (f"{self.n_images} scored images of {len(self.references)} references "
+                f"({len(self.distortions)} distortions x {self.n_levels} levels), {self.n_pool} pool images, "
+                f"MOS {self.mos_min:.1f}-{self.mos_max:.1f}, seed {self.seed}")
+
+
+def load_reference(name: str, size: int = 256) -> np.ndarray:
+    """A scikit-image photograph, centre-cropped to a square and resized to size x size RGB uint8."""
+    from skimage import data
+
+    if name not in REFERENCES:
+        raise ConfigError(f"unknown demo reference '{name}'; known: {', '.join(REFERENCES)}")
+    image = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = Image.fromarray(np.ascontiguousarray(image[top:top + side, left:left + side, :3]))
+    return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS))
+
+
+class _Scorer:
+    """The synthetic MOS of images against one reference (its luma and Lab computed once)."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        from skimage.color import rgb2gray, rgb2lab
+
+        self._gray, self._lab = rgb2gray(reference), rgb2lab(reference)
+
+    def __call__(self, image: np.ndarray) -> float:
+        from skimage.color import deltaE_cie76, rgb2gray, rgb2lab
+        from skimage.metrics import structural_similarity
+
+        ssim = structural_similarity(self._gray, rgb2gray(image), data_range=1.0, gaussian_weights=True,
+                                     sigma=1.5, use_sample_covariance=False)
+        delta_e = float(deltaE_cie76(self._lab, rgb2lab(image)).mean())
+        return round(MOS_MAX * max(0.0, float(ssim)) * math.exp(-delta_e / COLOUR_SCALE), 3)
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(img).save(buffer, "PNG", compress_level=1)
+    data = buffer.getvalue()
+    if not path.is_file() or path.read_bytes() != data:
+        path.write_bytes(data)
+
+
+def _check_counts(n_references: int, n_levels: int, pool_levels: int, image_size: int,
+                  distortions: Sequence[str]) -> None:
+    if not 2 <= n_references <= len(REFERENCES):
+        raise ConfigError(f"demo n_references must be 2..{len(REFERENCES)} (the photographs scikit-image "
+                          f"ships), got {n_references}")
+    if not 2 <= n_levels <= MAX_LEVELS:
+        raise ConfigError(f"demo n_levels must be 2..{MAX_LEVELS}, got {n_levels}")
+    if not 0 <= pool_levels <= MAX_LEVELS:
+        raise ConfigError(f"demo pool_levels must be 0..{MAX_LEVELS} (0: no pool), got {pool_levels}")
+    if image_size < 32:
+        raise ConfigError(f"demo image_size must be at least 32 pixels, got {image_size}")
+    unknown = [d for d in distortions if d not in DISTORTIONS]
+    if unknown or not distortions or len(set(distortions)) != len(distortions):
+        raise ConfigError(f"demo distortions {list(distortions)}: give each of {list(DISTORTIONS)} at most once"
+                          f"{f' ({unknown} not known)' if unknown else ''}")
+
+
+def _prepare_folder(out_dir: Path) -> None:
+    """Refuse a non-empty folder that is not a demo dataset, so nothing of the user's is overwritten."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"demo output {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / README_FILE).is_file():
+        raise ConfigError(f"demo output folder {out_dir} is not empty and holds no {README_FILE}: it is not a "
+                          "demo dataset; choose an empty or new folder")
+    for sub in (IMAGES_DIR, POOL_DIR, REFS_DIR):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    if not (out_dir / README_FILE).is_file():  # the marker, so an interrupted run can be re-run here
+        (out_dir / README_FILE).write_text("# QFM demo dataset (synthetic): being written by make_demo\n")
+
+
+def _remove_stale(out_dir: Path, keep: set[str]) -> None:
+    """Delete PNGs of an earlier run (other counts) that this run did not write."""
+    for sub in (IMAGES_DIR, POOL_DIR, REFS_DIR):
+        for path in (out_dir / sub).glob("*.png"):
+            if f"{sub}/{path.name}" not in keep:
+                path.unlink()
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def make_demo(out_dir: Path, seed: int = 0, n_references: int = len(REFERENCES), n_levels: int = 4,
+              pool_levels: int = 3, image_size: int = 256, distortions: Sequence[str] = tuple(DISTORTIONS),
+              progress: bool = True) -> DemoSummary:
+    """Write the demo dataset (scored images, unlabelled pool, references, DEMO.md) into out_dir.
+
+    Scored: each reference x distortion x level (saturation is left out for grayscale references, where
+    it changes nothing). Pool: each reference x pool distortion x pool level, recorded with its content_id
+    so pool images of a split's test content can be left out. The seed drives the noise.
+    """
+    out_dir = Path(out_dir)
+    distortions = tuple(distortions)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"demo seed must be a non-negative integer, got {seed!r}")
+    _check_counts(n_references, n_levels, pool_levels, image_size, distortions)
+    _prepare_folder(out_dir)
+    references = REFERENCES[:n_references]
+    scored: list[list] = []
+    pooled: list[list] = []
+    written: set[str] = set()
+    for name in tqdm(references, desc="demo references", unit="ref", disable=not progress):
+        ref_index = REFERENCES.index(name)
+        reference = load_reference(name, image_size)
+        grayscale = bool(np.all(reference == reference[..., :1]))
+        _save_png(reference, out_dir / REFS_DIR / f"{name}.png")
+        written.add(f"{REFS_DIR}/{name}.png")
+        score = _Scorer(reference)
+        for distortion in (DISTORTIONS[d] for d in distortions):
+            if distortion.name == "saturation" and grayscale:
+                continue
+            d_index = list(DISTORTIONS).index(distortion.name)
+            for level, strength in enumerate(distortion.strengths(n_levels), start=1):
+                rng = np.random.default_rng([seed, ref_index, d_index, level])
+                image = distortion.apply(reference, strength, rng)
+                relative = f"{IMAGES_DIR}/{name}_{distortion.name}_{level}.png"
+                _save_png(image, out_dir / relative)
+                written.add(relative)
+                scored.append([relative, f"{score(image):.3f}", name, distortion.name, level])
+        for d_index, distortion in enumerate(POOL_DISTORTIONS.values(), start=len(DISTORTIONS)):
+            for level, strength in enumerate(distortion.strengths(pool_levels) if pool_levels else [], start=1):
+                rng = np.random.default_rng([seed, ref_index, d_index, level])
+                relative = f"{POOL_DIR}/{name}_{distortion.name}_{level}.png"
+                _save_png(distortion.apply(reference, strength, rng), out_dir / relative)
+                written.add(relative)
+                pooled.append([relative, name])
+    _remove_stale(out_dir, written)
+    _write_csv(out_dir / SCORES_FILE, ["image", "mos", "ref", "distortion", "level"], scored)
+    _write_csv(out_dir / POOL_FILE, ["image", "content_id"], pooled)
+    mos = [float(row[1]) for row in scored]
+    summary = DemoSummary(out_dir=out_dir, seed=seed, references=references, distortions=distortions,
+                          n_levels=n_levels, n_images=len(scored), n_pool=len(pooled),
+                          mos_min=min(mos), mos_max=max(mos))
+    (out_dir / README_FILE).write_text(_readme(summary, image_size, pool_levels), encoding="utf-8")
+    return summary
+
+
+def _readme(summary: DemoSummary, image_size: int, pool_levels: int) -> str:
+    def table(items: Sequence[Distortion], n: int) -> str:
+        return "\n".join(f"| {d.name} | {d.unit} | {', '.join(f'{s:.3g}' for s in d.strengths(n))} |"
+                         for d in items)
+
+    return f"""# QFM demo dataset (synthetic)
+
+This dataset is **synthetic**: its scores are computed, not collected from people. It was made by
+`qfm demo-data` (`qfm.data.demo.make_demo`) with seed {summary.seed}, from {len(summary.references)} photographs that
+ship inside scikit-image (each `skimage.data` function's docstring gives its source, and its licence where
+known): {', '.join(summary.references)}.
+
+## How it is made
+1. Each reference is centre-cropped to a square and resized (Lanczos) to {image_size}x{image_size} RGB
+   (page and text are smaller, so they are upscaled); grayscale photographs are copied into three
+   channels. They are in `{REFS_DIR}/`.
+2. Each reference is distorted at {summary.n_levels} levels (1 = mildest) of each type below. Saturation
+   is left out for grayscale references, where it changes nothing. JPEG images are decoded and saved
+   losslessly, so they keep their JPEG artefacts. All images are PNG, in `{IMAGES_DIR}/`.
+
+| distortion | strength | levels |
+| --- | --- | --- |
+{table([DISTORTIONS[d] for d in summary.distortions], summary.n_levels)}
+
+3. Score: {SCORE_DESCRIPTION}.
+   SSIM is Wang et al.'s (Gaussian window, sigma 1.5) on luma in [0, 1];
+   the CIE76 colour difference (Euclidean distance in CIELAB) is averaged over pixels. The scale is
+   {MOS_MIN:g}-{MOS_MAX:g}, higher is better; this run's scores span {summary.mos_min:.1f}-{summary.mos_max:.1f}.
+4. `{SCORES_FILE}`: image, mos, ref, distortion, level ({summary.n_images} rows). `ref` is the content id:
+   splits keep every reference in one part.
+
+## Unlabelled pool
+`{POOL_FILE}` lists {summary.n_pool} images in `{POOL_DIR}/` with their `content_id` (the reference) and no
+score, for pseudo-labelling (DLE). They carry other distortions at {pool_levels} levels:
+
+| distortion | strength | levels |
+| --- | --- | --- |
+{table(list(POOL_DISTORTIONS.values()), pool_levels) if pool_levels else ''}
+
+Pool images share content with the scored images: leave out those whose content_id is in a split's test
+part.
+
+## Use
+`qfm ingest --format demo --root <this folder> --out <manifest folder>`
+"""

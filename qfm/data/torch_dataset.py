@@ -1,0 +1,398 @@
+"""The torch datasets: each image is decoded once per visit, then cut into K crops.
+
+Training items get K random crops (random positions, random horizontal flip) from a generator seeded by
+(seed, epoch, index), so an epoch is reproducible whatever the number of workers. Test items get a fixed
+grid of crops that always includes the four corners (for grids of 2x2 or more), so the same image always
+gets the same crops and the same score. The collate function flattens the crops of a batch into one
+(N, 3, S, S) tensor and keeps, per crop, the index of its image so predictions can be averaged back.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+
+from qfm.data import images
+from qfm.data.manifest import Manifest
+from qfm.data.splits import part_mask
+from qfm.errors import ConfigError, DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ON_ERROR = ("raise", "report")
+RESIZE_FORMS = "None, [width, height], 'WIDTHxHEIGHT' or 'short_side=N'"
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _parse_pair(value, name: str, what: str) -> tuple[int, int]:
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
+        if not match:
+            raise ConfigError(f"{name} '{value}' is not of the form {what}")
+        value = (int(match.group(1)), int(match.group(2)))
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ConfigError(f"{name} must be a pair {what}, got {value!r}")
+    return _positive_int(value[0], name), _positive_int(value[1], name)
+
+
+def _parse_resize(value) -> tuple[int, int] | str | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str) and value.strip().lower().startswith("short_side"):
+        match = re.fullmatch(r"\s*short_side\s*=\s*(\d+)\s*", value.lower())
+        if not match or int(match.group(1)) < 1:
+            raise ConfigError(f"resize '{value}' is not valid; use one of {RESIZE_FORMS}")
+        return f"short_side={int(match.group(1))}"
+    try:
+        return _parse_pair(value, "resize", "(width, height)")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; resize takes one of {RESIZE_FORMS}") from None
+
+
+def _parse_triple(value, name: str) -> tuple[float, float, float]:
+    try:
+        triple = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        triple = ()
+    if len(triple) != 3:
+        raise ConfigError(f"{name} must be three numbers (one per RGB channel), got {value!r}")
+    return triple  # type: ignore[return-value]
+
+
+def _spread(count: int, room: int) -> list[int]:
+    """count offsets evenly spread over [0, room]: the ends included, or the centre for one."""
+    if count == 1:
+        return [room // 2]
+    return [round(i * room / (count - 1)) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """How an image becomes crops.
+
+    crop_size: side S of the square crops. n_crops: K random crops per image and visit (training).
+    test_grid: the fixed test crops, (rows, cols) or 'RxC' for a grid, or a count N laid out as
+      round(sqrt(N)) rows sharing the N crops as evenly as possible; within a row the crops are evenly
+      spread from the left edge to the right edge (one crop: centred). Default 3x3 = 9 crops, near
+      DEIQT's 10 test crops per image but fixed, and covering the corners and the centre.
+    resize: applied to the decoded image before cropping: None (keep the size), (width, height) such
+      as (512, 384) for KonIQ-10k and SPAQ, or 'short_side=N' (keeps the aspect ratio).
+      After that, an image whose shorter side is below crop_size is scaled up, keeping its aspect
+      ratio, so that its shorter side equals crop_size. Resampling is bilinear (PIL, antialiased).
+    mean/std: normalisation on [0, 1] pixel values; ImageNet's by default, or the model's own
+      (see from_data_config). hflip: random horizontal flips of training crops.
+    """
+
+    crop_size: int = 224
+    n_crops: int = 4
+    test_grid: int | tuple[int, int] | str = (3, 3)
+    resize: tuple[int, int] | str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "crop_size", _positive_int(self.crop_size, "crop_size"))
+        set_(self, "n_crops", _positive_int(self.n_crops, "n_crops"))
+        grid = self.test_grid
+        if isinstance(grid, (str, tuple, list)):
+            grid = _parse_pair(grid, "test_grid", "(rows, cols) or 'RxC'")
+        else:
+            grid = _positive_int(grid, "test_grid")
+        set_(self, "test_grid", grid)
+        set_(self, "resize", _parse_resize(self.resize))
+        set_(self, "mean", _parse_triple(self.mean, "mean"))
+        std = _parse_triple(self.std, "std")
+        if min(std) <= 0:
+            raise ConfigError(f"std must be positive for every channel, got {std}")
+        set_(self, "std", std)
+        set_(self, "hflip", bool(self.hflip))
+
+    @classmethod
+    def from_data_config(cls, data_config: Mapping, **overrides) -> CropConfig:
+        """Crop size, mean and std from a model's data config (timm's resolve_data_config dict)."""
+        kwargs: dict = {}
+        if "input_size" in data_config:
+            _, height, width = data_config["input_size"]
+            if height != width:
+                raise ConfigError(f"the model's input_size {tuple(data_config['input_size'])} is not square; "
+                                  "qfm crops are square: pass crop_size explicitly")
+            kwargs["crop_size"] = int(height)
+        for key in ("mean", "std"):
+            if key in data_config:
+                kwargs[key] = data_config[key]
+        return cls(**(kwargs | overrides))
+
+    @property
+    def grid_rows(self) -> list[int]:
+        """The number of test crops in each row of the grid, top to bottom."""
+        if isinstance(self.test_grid, tuple):
+            rows, cols = self.test_grid
+            return [cols] * rows
+        n = self.test_grid
+        rows = max(1, round(math.sqrt(n)))
+        base, extra = divmod(n, rows)
+        return [base + (1 if r < extra else 0) for r in range(rows)]
+
+    @property
+    def n_test_crops(self) -> int:
+        return sum(self.grid_rows)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize policy and the scale-up of images smaller than a crop."""
+        if isinstance(self.resize, tuple):
+            width, height = self.resize
+        elif isinstance(self.resize, str):
+            side = int(self.resize.split("=")[1])
+            scale = side / min(width, height)
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+        if min(width, height) < self.crop_size:
+            scale = self.crop_size / min(width, height)
+            width = max(self.crop_size, round(width * scale))
+            height = max(self.crop_size, round(height * scale))
+        return width, height
+
+    def grid_positions(self, width: int, height: int) -> list[tuple[int, int]]:
+        """(top, left) of each test crop in an image of this (already resized) size."""
+        s = self.crop_size
+        rows = self.grid_rows
+        tops = _spread(len(rows), height - s)
+        return [(top, left) for top, cols in zip(tops, rows) for left in _spread(cols, width - s)]
+
+
+class _CropDataset(Dataset):
+    """Shared by both datasets: decode, resize, crop, normalise; the epoch lives in shared memory."""
+
+    def __init__(self, config: CropConfig, train: bool, seed: int) -> None:
+        if not isinstance(config, CropConfig):
+            raise ConfigError(f"config must be a CropConfig, got {type(config).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+        self.config = config
+        self.train = bool(train)
+        self.seed = int(seed)
+        std = np.array(config.std, dtype=np.float32).reshape(3, 1, 1)
+        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self._shift = (np.array(config.mean, dtype=np.float32).reshape(3, 1, 1) / std).astype(np.float32)
+        # Shared memory, so that set_epoch reaches DataLoader workers that persist across epochs.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the training crops of this epoch; call it before iterating the loader."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def crops_per_item(self) -> int:
+        return self.config.n_crops if self.train else self.config.n_test_crops
+
+    @staticmethod
+    def _check_index(index: int, length: int) -> int:
+        index = operator.index(index)
+        if not 0 <= index < length:
+            raise IndexError(f"index {index} is out of range for a dataset of {length} images")
+        return index
+
+    @staticmethod
+    def _decode(path: Path, what: str) -> Image.Image:
+        """The image in RGB, decoded once; any failure is a DataError naming the file."""
+        try:
+            return images.load_rgb(path)
+        except FileNotFoundError:
+            raise DataError(f"{what}: image file {path} does not exist; check the dataset root") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise DataError(f"{what}: cannot decode image {path} ({exc}); replace or remove it") from exc
+
+    def crops(self, image: Image.Image, index: int) -> torch.Tensor:
+        """(K, 3, S, S) float32 crops of one decoded image: random (train) or the fixed grid (test)."""
+        cfg, s = self.config, self.config.crop_size
+        size = cfg.resized_size(*image.size)
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        pixels = np.asarray(image)  # (H, W, 3) uint8
+        width, height = size
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            tops = rng.integers(0, height - s + 1, size=cfg.n_crops)
+            lefts = rng.integers(0, width - s + 1, size=cfg.n_crops)
+            flips = (rng.random(cfg.n_crops) < 0.5) & cfg.hflip
+            boxes = list(zip(tops, lefts, flips))
+        else:
+            boxes = [(t, x, False) for t, x in cfg.grid_positions(width, height)]
+        # numpy, not torch: single-threaded on purpose, as torch's thread pool is slow on a busy machine
+        out = np.empty((len(boxes), 3, s, s), dtype=np.float32)
+        for k, (top, left, flip) in enumerate(boxes):
+            patch = pixels[top:top + s, left:left + s]
+            out[k] = (patch[:, ::-1] if flip else patch).transpose(2, 0, 1)  # uint8 -> float32
+        out *= self._scale
+        out -= self._shift
+        return torch.from_numpy(out)
+
+
+class ManifestCropDataset(_CropDataset):
+    """Scored images of one part of one split of a manifest; one item = one image's K crops.
+
+    Rows are the manifest rows where ``split == part`` (part None: every row, split is then ignored),
+    further restricted by ``rows`` (a boolean mask over the manifest's rows) when given. An item is
+    {'image': (K, 3, S, S) float32, 'mos': float32 scalar, 'index': position in this dataset,
+    'image_id': str}; ``row_positions[index]`` is the image's row in ``manifest.frame``.
+    """
+
+    def __init__(self, manifest: Manifest, split: str | None, part: str | None,
+                 config: CropConfig = CropConfig(), train: bool = False, seed: int = 0,
+                 rows: Sequence[bool] | np.ndarray | pd.Series | None = None) -> None:
+        super().__init__(config, train, seed)
+        frame = manifest.frame
+        mask = np.ones(len(frame), dtype=bool)
+        if part is not None:
+            if split is None:
+                raise ConfigError(f"part '{part}' needs a split column (one of {manifest.split_columns})")
+            mask &= part_mask(frame, split, part).to_numpy(dtype=bool, na_value=False)
+        if rows is not None:
+            rows = np.asarray(rows)
+            if rows.dtype != bool or rows.shape != (len(frame),):
+                raise ConfigError(f"rows must be a boolean mask, one entry per manifest row ({len(frame)}), "
+                                  f"got dtype {rows.dtype} and shape {rows.shape}")
+            mask &= rows
+        self.row_positions = np.flatnonzero(mask)
+        dataset = manifest.meta.get("dataset", "?")
+        if len(self.row_positions) == 0:
+            where = f"part '{part}' of {split}" if part is not None else "the selected rows"
+            raise DataError(f"manifest of dataset '{dataset}' has no images in {where}: nothing to load")
+        selected = frame.iloc[self.row_positions]
+        self.image_ids = [str(i) for i in selected["image_id"]]
+        self.paths = [manifest.image_path(str(p)) for p in selected["path"]]
+        self.mos = selected["mos"].to_numpy(dtype=np.float32)
+        self.dataset_name = dataset
+
+    def __len__(self) -> int:
+        return len(self.row_positions)
+
+    def __getitem__(self, index: int) -> dict:
+        index = self._check_index(index, len(self))
+        what = (f"manifest of '{self.dataset_name}', row {self.row_positions[index]} "
+                f"(image_id '{self.image_ids[index]}')")
+        image = self._decode(self.paths[index], what)
+        return {"image": self.crops(image, index), "mos": torch.tensor(self.mos[index]), "index": index,
+                "image_id": self.image_ids[index]}
+
+
+class ImageListDataset(_CropDataset):
+    """Unscored image files (the unlabelled pool, `qfm score`); test grid unless train=True.
+
+    An item is {'image': (K, 3, S, S), 'index', 'image_id': the path as given, 'error': None}. An
+    unreadable file raises a DataError naming it; with on_error='report' its item instead has
+    'error' set to the reason and an image with 0 crops, so the caller can list it.
+    """
+
+    def __init__(self, paths: Iterable[str | Path], config: CropConfig = CropConfig(), train: bool = False,
+                 seed: int = 0, on_error: str = "raise") -> None:
+        super().__init__(config, train, seed)
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
+        self.on_error = on_error
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise DataError("no image files given: the list of paths is empty")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        index = self._check_index(index, len(self))
+        path = self.paths[index]
+        item = {"index": index, "image_id": str(path), "error": None}
+        try:
+            image = self._decode(path, f"image list entry {index}")
+        except DataError as exc:
+            if self.on_error == "raise":
+                raise
+            s = self.config.crop_size
+            return item | {"image": torch.empty((0, 3, s, s)), "error": str(exc)}
+        return item | {"image": self.crops(image, index)}
+
+
+def collate_crops(items: list[dict]) -> dict:
+    """Flatten B items of K crops into one batch.
+
+    Returns {'image': (N, 3, S, S) with N the total number of crops, 'crop_index': (N,) the dataset index
+    of each crop's image, 'index': (B,), 'n_crops': (B,), 'image_id': list}, plus 'mos': (B,) for scored
+    items and 'error': list (None where the image decoded) for ImageListDataset items.
+    """
+    if not items:
+        raise ValueError("collate_crops got an empty batch")
+    counts = torch.tensor([item["image"].shape[0] for item in items], dtype=torch.int64)
+    index = torch.tensor([item["index"] for item in items], dtype=torch.int64)
+    if get_worker_info() is not None and int(counts.sum()) > 0:
+        # In a worker, default_collate stacks straight into shared memory, saving a copy on the way back.
+        image = default_collate([crop for item in items for crop in item["image"].unbind(0)])
+    else:  # numpy: single-threaded, unlike torch.cat/stack, whose thread pool crawls on a busy machine
+        image = torch.from_numpy(np.concatenate([item["image"].numpy() for item in items]))
+    batch = {"image": image, "crop_index": torch.repeat_interleave(index, counts), "index": index,
+             "n_crops": counts, "image_id": [item["image_id"] for item in items]}
+    if "mos" in items[0]:
+        batch["mos"] = torch.stack([item["mos"] for item in items])
+    if "error" in items[0]:
+        batch["error"] = [item["error"] for item in items]
+    return batch
+
+
+def per_image(values: torch.Tensor, crop_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-crop values (N,) back to per-image (index, mean, std over crops); std is 0 for one crop."""
+    values = values.detach().reshape(-1).to(torch.float64)
+    index, inverse = torch.unique(crop_index.reshape(-1), sorted=True, return_inverse=True)
+
+    def per_image_sum(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(index), dtype=torch.float64).index_add_(0, inverse, x)
+
+    counts = per_image_sum(torch.ones_like(values))
+    mean = per_image_sum(values) / counts
+    return index, mean, (per_image_sum((values - mean[inverse]) ** 2) / counts).sqrt()
+
+
+def make_loader(dataset: Dataset, batch_size: int = 8, workers: int = 0, shuffle: bool = False, *,
+                batch_sampler: Sampler | Iterable | None = None, drop_last: bool = False, seed: int = 0,
+                pin_memory: bool = False, prefetch_factor: int | None = None) -> DataLoader:
+    """A DataLoader over a crop dataset with collate_crops; batch_size counts images, not crops.
+
+    Workers persist across epochs when workers > 0 (set_epoch still reaches them). shuffle draws the
+    order from a generator seeded with ``seed``. ``batch_sampler`` (yielding lists of dataset indices)
+    replaces batch_size, shuffle and drop_last.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 0:
+        raise ConfigError(f"workers must be a non-negative integer, got {workers!r}")
+    kwargs: dict = {"num_workers": workers, "collate_fn": collate_crops, "pin_memory": pin_memory,
+                    "persistent_workers": workers > 0}
+    if prefetch_factor is not None:
+        if workers == 0:
+            raise ConfigError("prefetch_factor needs workers > 0")
+        kwargs["prefetch_factor"] = _positive_int(prefetch_factor, "prefetch_factor")
+    if batch_sampler is not None:
+        if shuffle or drop_last:
+            raise ConfigError("with a batch_sampler, the sampler decides order and batch size: "
+                              "pass shuffle=False and drop_last=False")
+        return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return DataLoader(dataset, batch_size=_positive_int(batch_size, "batch_size"), shuffle=shuffle,
+                      drop_last=drop_last, generator=generator, **kwargs)

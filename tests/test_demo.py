@@ -1,0 +1,145 @@
+"""The demo dataset: layout, learnable scores (spread, monotone in level), determinism, ingestion, splits."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from qfm.data.adapters import read_dataset
+from qfm.data.demo import DISTORTIONS, POOL_DISTORTIONS, REFERENCES, make_demo
+from qfm.data.manifest import build_manifest
+from qfm.data.splits import SplitProtocol, check_disjoint
+from qfm.errors import ConfigError
+
+TINY = {"n_references": 3, "n_levels": 2, "pool_levels": 1, "image_size": 64, "progress": False}
+GRAYSCALE = {"camera", "coins", "moon", "brick", "grass", "gravel", "page", "text"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo at its default sizes, made once for this module."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, make_demo(out, seed=0, progress=False)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_default_layout_and_counts(demo):
+    out, summary = demo
+    assert summary.references == REFERENCES and len(REFERENCES) == 16
+    n_colour = len(REFERENCES) - len(GRAYSCALE)
+    assert summary.n_images == n_colour * 5 * 4 + len(GRAYSCALE) * 4 * 4 == 288
+    assert summary.n_pool == len(REFERENCES) * len(POOL_DISTORTIONS) * 3 == 192
+    scores = pd.read_csv(out / "scores.csv")
+    assert list(scores.columns) == ["image", "mos", "ref", "distortion", "level"] and len(scores) == 288
+    assert set(scores["ref"]) == set(REFERENCES) and set(scores["level"]) == {1, 2, 3, 4}
+    assert set(scores.loc[scores["distortion"] == "saturation", "ref"]).isdisjoint(GRAYSCALE)
+    pool = pd.read_csv(out / "pool.csv")
+    assert list(pool.columns) == ["image", "content_id"] and len(pool) == 192
+    assert set(pool["content_id"]) == set(REFERENCES)
+    assert set(pool["image"]).isdisjoint(scores["image"])
+    for relative in [*scores["image"], *pool["image"]]:
+        with Image.open(out / relative) as img:
+            assert (img.format, img.mode, img.size) == ("PNG", "RGB", (256, 256))
+    assert len(list((out / "refs").glob("*.png"))) == 16
+    readme = (out / "DEMO.md").read_text()
+    assert "synthetic" in readme and "SSIM" in readme and "pool.csv" in readme
+
+
+def test_scores_spread_across_the_range(demo):
+    mos = pd.read_csv(demo[0] / "scores.csv")["mos"]
+    assert mos.min() < 10 and mos.max() > 90 and mos.std() > 20
+    counts, _ = np.histogram(mos, bins=5, range=(0, 100))
+    assert (counts >= 0.05 * len(mos)).all(), counts
+
+
+def test_scores_fall_strictly_with_level_within_each_reference_and_type(demo):
+    scores = pd.read_csv(demo[0] / "scores.csv").sort_values("level")
+    for (ref, distortion), group in scores.groupby(["ref", "distortion"]):
+        assert (np.diff(group["mos"].to_numpy()) < 0).all(), (ref, distortion, group["mos"].tolist())
+    medians = scores.groupby("level")["mos"].median().to_numpy()
+    assert (np.diff(medians) < -5).all(), medians
+
+
+def test_jpeg_images_keep_their_artefacts(demo):
+    out = demo[0]
+    with Image.open(out / "refs/astronaut.png") as ref, Image.open(out / "images/astronaut_jpeg_4.png") as img:
+        diff = np.abs(np.asarray(ref, dtype=int) - np.asarray(img, dtype=int))
+    assert diff.mean() > 3  # quality 5 JPEG: far from the reference, yet stored losslessly as PNG
+
+
+def test_demo_ingests_with_content_disjoint_splits(demo):
+    out, summary = demo
+    raw = read_dataset("demo", out)
+    assert raw.synthetic and raw.dataset == "demo"
+    manifest = build_manifest(raw, SplitProtocol(), progress=False)
+    frame = manifest.frame
+    assert len(frame) == summary.n_images and manifest.meta["n_skipped"] == 0
+    assert frame["mos"].to_numpy() == pytest.approx(frame["mos_raw"].to_numpy() / 100)
+    assert set(frame["content_id"]) == set(REFERENCES)
+    assert set(frame["distortion_type"]) == set(DISTORTIONS)
+    assert len(manifest.split_columns) == 10
+    for column in manifest.split_columns:
+        assert check_disjoint(frame, column) == []
+        parts = frame.groupby(column)["content_id"].nunique()
+        assert parts["test"] >= 2 and parts["val"] >= 1, parts
+    assert len({tuple(frame[c]) for c in manifest.split_columns}) == 10  # ten different splits
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_other_noise(tmp_path):
+    first, again, other = (make_demo(tmp_path / name, seed=seed, **TINY) for name, seed in
+                           (("a", 1), ("b", 1), ("c", 2)))
+    a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
+    assert a == b and dataclasses.replace(first, out_dir=again.out_dir) == again
+    assert len(a) == 3 * 5 * 2 + 3 * 4 * 1 + 3 + 3  # scored, pool, references, two CSVs and DEMO.md
+    assert set(a) == set(c)
+    changed = {name for name in a if a[name] != c[name]}
+    noisy = {n for n in a if "_noise_" in n or "_saltpepper_" in n}
+    assert noisy <= changed and "scores.csv" in changed and "DEMO.md" in changed
+    assert not {n for n in changed - noisy if n.endswith(".png")}, "only the noise depends on the seed"
+    assert other.seed == 2
+
+
+def test_rerun_into_the_same_folder_is_idempotent_and_removes_stale_images(tmp_path):
+    out = tmp_path / "demo"
+    make_demo(out, seed=0, **TINY)
+    before = files(out)
+    make_demo(out, seed=0, **TINY)
+    assert files(out) == before
+    make_demo(out, seed=0, **(TINY | {"n_references": 2}))
+    make_demo(tmp_path / "fresh", seed=0, **(TINY | {"n_references": 2}))
+    assert files(out) == files(tmp_path / "fresh")
+
+
+def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no DEMO.md"):
+        make_demo(tmp_path, **TINY)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("n_references", 1), ("n_references", 17), ("n_levels", 1), ("n_levels", 9), ("pool_levels", -1),
+    ("image_size", 16), ("distortions", ("blur", "fog")), ("distortions", ("blur", "blur")), ("seed", -1),
+])
+def test_bad_counts_name_the_parameter(tmp_path, option, value):
+    with pytest.raises(ConfigError, match=f"demo {option}"):
+        make_demo(tmp_path / "x", **(TINY | {option: value}))
+
+
+def test_bad_options_write_nothing_and_a_half_written_folder_can_be_rerun(tmp_path):
+    out = tmp_path / "demo"
+    with pytest.raises(ConfigError):
+        make_demo(out, **(TINY | {"distortions": ("blur", "fog")}))  # fails before writing anything
+    assert not out.exists()
+    make_demo(out, **(TINY | {"n_references": 2}))
+    (out / "scores.csv").unlink()  # as if stopped half-way: images there, tables not yet
+    make_demo(out, **TINY)
+    assert (out / "scores.csv").is_file() and "being written" not in (out / "DEMO.md").read_text()
