@@ -43,11 +43,91 @@ class ValidateParams:
     min_height: int = 224
 
 
+@dataclass(frozen=True)
+class RunParams:
+    """What every training-time step shares: the split column it works on and the device."""
+
+    split: str = "split_0"
+    device: str = "auto"                # auto = CUDA when present, else CPU
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The DEIQT recipe on one split; the teacher uses it as is, the student adds the QCC fields."""
+
+    model: str = "qfm_mobilenetv2"
+    model_options: dict = field(default_factory=dict)  # e.g. {d: 256, weights: path-or-s3-uri}
+    epochs: int = 4
+    batch_size: int = 8                 # images per batch (each gives n_crops crops)
+    n_crops: int = 4
+    crop_size: int = 224
+    test_grid: str = "3x3"
+    resize: str | None = None           # e.g. "512x384" for KonIQ/SPAQ, "short_side=384"
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    schedule: str = "cosine"
+    clip_grad: float = 5.0
+    select_metric: str = "srcc"         # chosen on the validation part, never on test
+    workers: int = 2
+    seed: int = 0
+    amp: bool = True                    # bf16 autocast on GPU; ignored on CPU
+
+
+@dataclass(frozen=True)
+class StudentParams(TrainParams):
+    """QCC student: partners from the SNM pair table, DLE pseudo-labels, optional contrastive / distillation."""
+
+    qcc: bool = True
+    alpha: float = 0.5                  # T' = T + alpha * N
+    qcc_mode: str = "label"             # label | clean | both
+    lambda_qcc: float = 1.0
+    lambda_con: float = 0.0
+    lambda_pl: float = 0.5
+    lambda_kd: float = 0.0
+    temperature: float = 0.1
+    use_pseudo_labels: bool = True
+    allow_empty_pairs: bool = False     # train without QCC when the pair table is empty
+
+
+@dataclass(frozen=True)
+class PseudoLabelParams:
+    """DLE: the frozen teacher scores an unlabelled pool; the most confident predictions are kept."""
+
+    pool: str = "pool.csv"              # CSV (image[, content_id]) or folder, relative to the dataset root; "" = none
+    keep_quantile: float = 0.5          # keep this share of the pool with the lowest crop spread
+    max_uncertainty: float | None = None  # and/or an absolute cap on the crop spread
+    skip_unreadable: bool = False       # true: list unreadable pool images and go on; false: stop naming them
+    batch_size: int = 16
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class BankParams:
+    """SNM: teacher-encoder embeddings of the training images, a faiss index, noise-partner mining."""
+
+    rule: str = "aliasing"              # aliasing | semantic (see docs/method.md)
+    k: int = 32
+    tau: float = 0.2                    # aliasing: |quality gap| >= tau
+    delta: float = 0.05                 # semantic: |quality gap| <= delta
+    max_partners: int = 4
+    index: str = "auto"                 # auto | exact | ivf | hnsw
+    ann_threshold: int = 50000          # auto: exact below, IVF above (recall measured and reported)
+    include_pseudo: bool = True
+    batch_size: int = 16
+    workers: int = 2
+
+
 SECTIONS: dict[str, type] = {
     "demo": DemoParams,
     "ingest": IngestParams,
     "splits": SplitParams,
     "validate": ValidateParams,
+    "run": RunParams,
+    "train_teacher": TrainParams,
+    "pseudo_label": PseudoLabelParams,
+    "build_bank": BankParams,
+    "train_student": StudentParams,
 }
 
 

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def qfm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qfm.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "qfm.cli", *args], capture_output=True, text=True, cwd=cwd, check=False,
                           timeout=300)
 
 
