@@ -1,0 +1,56 @@
+"""Small helpers the step functions share: reading inputs, writing summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from qfm.data.manifest import Manifest, read_manifest
+from qfm.data.splits import part_mask
+from qfm.errors import DataError
+from qfm.train.checkpoint import BEST
+
+MODEL_FILE = BEST
+TRAIN_COLUMN = "_train"
+
+
+def manifest_for_split(manifest_dir: str | Path, split: str) -> Manifest:
+    """The manifest, after checking that the split column exists (a clear error naming it otherwise)."""
+    manifest = read_manifest(manifest_dir)
+    part_mask(manifest.frame, split, "train")
+    return manifest
+
+
+def model_path(model_dir: str | Path) -> Path:
+    """The selected model file of a training step's output folder."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        raise DataError(f"no trained model at {path}: run the training step that writes {model_dir} first")
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def training_manifest(manifest: Manifest, split: str, pseudo: pd.DataFrame) -> Manifest:
+    """The student's (and the bank's) training set: the labelled train part of the split plus the kept
+    pseudo-labelled pool images, as one manifest whose column TRAIN_COLUMN is 'train' for every row."""
+    labelled = manifest.frame.loc[manifest.frame[split] == "train", ["image_id", "path", "mos", "content_id"]]
+    labelled = labelled.assign(is_pseudo=False)
+    extra = pd.DataFrame({"image_id": pseudo["image_id"].astype(str), "path": pseudo["path"].astype(str),
+                          "mos": pseudo["score"].astype(float), "content_id": pseudo["content_id"].astype(str),
+                          "is_pseudo": True})
+    frame = pd.concat([labelled, extra], ignore_index=True)
+    clash = frame["image_id"].duplicated()
+    if clash.any():
+        raise DataError(f"pseudo-labelled pool images share ids with labelled ones: "
+                        f"{frame.loc[clash, 'image_id'].head(5).tolist()}; give the pool its own folder")
+    frame[TRAIN_COLUMN] = "train"
+    return Manifest(frame=frame, root=manifest.root, meta=manifest.meta)

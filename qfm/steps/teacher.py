@@ -1,0 +1,32 @@
+"""train-teacher: the plain DEIQT recipe on the labelled train part; model selection on the val part."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qfm.config import RunParams, TrainParams
+from qfm.data.torch_dataset import ManifestCropDataset
+from qfm.eval.report import training_curves_plot
+from qfm.steps.common import manifest_for_split, write_json
+from qfm.train.fit import build_model, crop_config, fit
+from qfm.train.steps import plain_step
+
+
+def train_teacher(manifest_dir: str | Path, out_dir: str | Path, params: TrainParams, run: RunParams, *,
+                  resume: bool = False, progress: bool = True, on_epoch=None) -> dict:
+    """Train on split `run.split`'s train part; writes best.pt, last.pt, history.json, summary.json."""
+    manifest = manifest_for_split(manifest_dir, run.split)
+    model = build_model(params)
+    crops = crop_config(params, model)
+    train_set = ManifestCropDataset(manifest, run.split, "train", crops, train=True, seed=params.seed)
+    val_set = ManifestCropDataset(manifest, run.split, "val", crops, train=False)
+    result = fit(model, train_set, val_set, plain_step, params, out_dir, device=run.device, resume=resume,
+                 progress=progress, on_epoch=on_epoch)
+    out_dir = Path(out_dir)
+    training_curves_plot(out_dir / "training_curves.png", result.history)
+    summary = {"split": run.split, "model": params.model, "weights": model.weights_source,
+               "best_epoch": result.best_epoch, "selected_on": f"val {params.select_metric}",
+               "val": result.best_val, "n_train": len(train_set), "n_val": len(val_set),
+               "seconds": round(result.seconds, 1)}
+    write_json(out_dir / "summary.json", summary)
+    return summary

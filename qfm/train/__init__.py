@@ -1,0 +1,1 @@
+"""Training: checkpoints, engine functions (one epoch, prediction), and the teacher / student steps."""

@@ -1,0 +1,139 @@
+"""The training loop shared by teacher and student: model selection on the validation part, a checkpoint
+each epoch (model, optimiser, scheduler, RNG states, epoch, history) and exact resumption."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from qfm.config import TrainParams
+from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
+from qfm.eval.metrics import compute_metrics
+from qfm.models import create_model
+from qfm.train.checkpoint import (
+    BEST,
+    LAST,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+from qfm.train.engine import StepFn, make_optimizer, make_scheduler, predict, resolve_device, train_one_epoch
+from qfm.train.sampler import ShuffledBatches
+
+HISTORY = "history.json"
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val: dict
+    history: list[dict]
+    model_path: Path
+    seconds: float
+
+
+def build_model(params: TrainParams):
+    """The model named in params (its weights from model_options, the preset's offline default otherwise),
+    its freshly initialised parts (projection, decoder) seeded from params.seed."""
+    seed_everything(params.seed)
+    return create_model(params.model, **params.model_options)
+
+
+def crop_config(params: TrainParams, model: nn.Module) -> CropConfig:
+    """Crops from params, normalisation from the model's own weights config."""
+    return CropConfig(crop_size=params.crop_size, n_crops=params.n_crops, test_grid=params.test_grid,
+                      resize=params.resize, mean=model.mean, std=model.std)
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """A model saved by `fit` (checksum-verified), rebuilt from its recorded config, in eval mode."""
+    state = load_checkpoint(path)
+    config = dict(state["model_config"])
+    name = config.pop("name")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random init is overwritten by the saved weights at once
+        model = create_model(name, **config, pretrained=False, allow_random_init=True)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def _model_state(model: nn.Module, crop: CropConfig, epoch: int, val: dict, params: TrainParams) -> dict:
+    return {"model": model.state_dict(), "model_config": dict(model.config), "crop": asdict(crop),
+            "epoch": epoch, "val": val, "params": asdict(params)}
+
+
+def validation_metrics(model: nn.Module, loader: DataLoader, mos: np.ndarray, device: torch.device,
+                       amp: bool, progress: bool) -> tuple[dict, np.ndarray]:
+    index, pred, _ = predict(model, loader, device, amp=amp, progress=progress, desc="validate")
+    return compute_metrics(pred, mos[index]), pred
+
+
+def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropDataset, step_fn: StepFn,
+        params: TrainParams, out_dir: str | Path, *, device: str = "auto", resume: bool = False,
+        progress: bool = True, batch_sampler=None, on_epoch=None) -> FitResult:
+    """Train, validate each epoch, keep the best model by params.select_metric on the validation part."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(device)
+    seed_everything(params.seed)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if batch_sampler is None:  # order from (seed, epoch) only, so a resumed run sees the same batches
+        batch_sampler = ShuffledBatches(len(train_set), params.batch_size, params.seed)
+    train_loader = make_loader(train_set, workers=params.workers, batch_sampler=batch_sampler)
+    val_loader = make_loader(val_set, params.batch_size, params.workers)
+    steps_per_epoch = len(train_loader)
+    optimizer = make_optimizer(model, params.lr, params.weight_decay)
+    scheduler = make_scheduler(optimizer, params.epochs * steps_per_epoch,
+                               round(params.warmup_epochs * steps_per_epoch), params.schedule,
+                               step_every=max(1, steps_per_epoch * max(1, params.epochs // 3)))
+    history: list[dict] = []
+    best = {"epoch": -1, "score": -np.inf, "val": {}}
+    start_epoch = 0
+    last_path = out_dir / LAST
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+    val_mos = val_set.mos
+    for epoch in range(start_epoch, params.epochs):
+        epoch_started = time.perf_counter()
+        train_set.set_epoch(epoch)
+        batch_sampler.set_epoch(epoch)
+        train_log = train_one_epoch(model, train_loader, step_fn, optimizer, scheduler, device, epoch=epoch,
+                                    clip_grad=params.clip_grad, amp=params.amp, progress=progress)
+        val, _ = validation_metrics(model, val_loader, val_mos, device, params.amp, progress)
+        score = val[params.select_metric]
+        record = {"epoch": epoch, **train_log, **{f"val_{k}": v for k, v in val.items() if _is_number(v)},
+                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_started}
+        history.append(record)
+        if score > best["score"]:
+            best = {"epoch": epoch, "score": score, "val": val}
+            save_checkpoint(_model_state(model, train_set.config, epoch, val, params), out_dir / BEST)
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
+                         "history": history, "best": best}, last_path)
+        (out_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
+        if on_epoch is not None:
+            on_epoch(record)
+    return FitResult(best_epoch=best["epoch"], best_val=best["val"], history=history, model_path=out_dir / BEST,
+                     seconds=time.perf_counter() - started)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -1,0 +1,193 @@
+"""Training on a tiny demo: the whole teacher -> DLE -> SNM -> student -> evaluate chain, exact resume,
+refused corrupt checkpoints, NaN stops, the pair-aware sampler and the empty-pair-table rule."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from qfm.config import BankParams, PseudoLabelParams, RunParams, StudentParams, TrainParams
+from qfm.data.manifest import read_manifest
+from qfm.data.torch_dataset import ManifestCropDataset
+from qfm.errors import ConfigError, DataError
+from qfm.losses import NonFiniteLossError
+from qfm.steps.bank import build_bank
+from qfm.steps.evaluate import evaluate
+from qfm.steps.pseudo_label import pseudo_label
+from qfm.steps.student import train_student
+from qfm.steps.teacher import train_teacher
+from qfm.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from qfm.train.fit import build_model, crop_config, fit
+from qfm.train.sampler import PairBatches, ShuffledBatches, pairs_in_batch
+from qfm.train.steps import plain_step
+
+TINY = dict(epochs=1, batch_size=4, n_crops=1, crop_size=96, test_grid="1x2", workers=0, warmup_epochs=0.5,
+            lr=5e-4)
+RUN = RunParams(split="split_0", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_demo, tmp_path_factory):
+    """Run every training-time step once; the tests below read what each step wrote."""
+    out = tmp_path_factory.mktemp("chain")
+    teacher = train_teacher(tiny_demo, out / "teacher", TrainParams(**TINY), RUN, progress=False)
+    pseudo = pseudo_label(tiny_demo, out / "teacher", out / "pseudo", PseudoLabelParams(workers=0), RUN,
+                          progress=False)
+    bank = build_bank(tiny_demo, out / "teacher", out / "pseudo", out / "bank",
+                      BankParams(tau=0.05, workers=0), RUN, progress=False)
+    student = train_student(tiny_demo, out / "student", StudentParams(**TINY, lambda_kd=0.5, lambda_con=0.1),
+                            RUN, teacher_dir=out / "teacher", pseudo_dir=out / "pseudo", bank_dir=out / "bank",
+                            progress=False)
+    metrics = evaluate(tiny_demo, out / "student", out / "eval", RUN, workers=0, progress=False)
+    return {"out": out, "teacher": teacher, "pseudo": pseudo, "bank": bank, "student": student, "metrics": metrics}
+
+
+def test_teacher_selects_on_validation_and_writes_its_files(chain, tiny_demo):
+    manifest = read_manifest(tiny_demo)
+    teacher = chain["teacher"]
+    assert teacher["selected_on"] == "val srcc"
+    assert teacher["n_train"] == int((manifest.frame["split_0"] == "train").sum())
+    assert teacher["n_val"] == int((manifest.frame["split_0"] == "val").sum())
+    for name in (BEST, LAST, "history.json", "training_curves.png", "summary.json"):
+        assert (chain["out"] / "teacher" / name).is_file(), name
+    assert teacher["weights"].startswith("packaged:")
+
+
+def test_pseudo_labels_leave_out_held_out_content_and_keep_the_confident_half(chain, tiny_demo):
+    manifest = read_manifest(tiny_demo)
+    table = pd.read_parquet(chain["out"] / "pseudo" / "pseudo_labels.parquet")
+    held_out = set(manifest.frame.loc[manifest.frame["split_0"] != "train", "content_id"])
+    assert not set(table["content_id"]) & held_out
+    assert chain["pseudo"]["n_excluded_heldout_content"] > 0
+    assert table["score"].between(0, 1).all() and (table["uncertainty"] >= 0).all()
+    kept = table[table["kept"]]
+    assert len(kept) == round(0.5 * len(table))
+    assert kept["uncertainty"].max() <= table.loc[~table["kept"], "uncertainty"].min()
+
+
+def test_bank_holds_only_training_images_and_pairs_obey_the_rule(chain, tiny_demo):
+    manifest = read_manifest(tiny_demo)
+    bank = pd.read_parquet(chain["out"] / "bank" / "bank.parquet")
+    not_train = set(manifest.frame.loc[manifest.frame["split_0"] != "train", "image_id"])
+    assert not set(bank["image_id"]) & not_train
+    assert bank["is_pseudo"].sum() == chain["pseudo"]["n_kept"]
+    pairs = pd.read_parquet(chain["out"] / "bank" / "pairs.parquet")
+    assert len(pairs) > 0 and (pairs["quality_gap"].abs() >= 0.05 - 1e-9).all()
+    content = dict(zip(bank["image_id"], bank["content_id"]))
+    assert all(content[a] != content[p] for a, p in zip(pairs["anchor_id"], pairs["partner_id"]))
+
+
+def test_student_trains_with_qcc_pseudo_labels_and_is_evaluated(chain):
+    student = chain["student"]
+    assert student["qcc"] and student["n_anchors_with_partners"] > 0
+    assert student["n_pseudo"] == chain["pseudo"]["n_kept"]
+    history = json.loads((chain["out"] / "student" / "history.json").read_text())
+    for part in ("loss_quality", "loss_pseudo", "loss_qcc", "loss_distill", "loss_contrastive"):
+        assert part in history[0] and np.isfinite(history[0][part]), part
+    metrics = json.loads((chain["out"] / "eval" / "metrics.json").read_text())
+    assert metrics["metrics"]["n"] == chain["metrics"]["n"] > 0
+    assert -1 <= metrics["metrics"]["srcc"] <= 1 and metrics["part"] == "test"
+    assert (chain["out"] / "eval" / "scatter.png").stat().st_size > 1000
+    predictions = pd.read_csv(chain["out"] / "eval" / "predictions.csv")
+    assert len(predictions) == metrics["metrics"]["n"]
+
+
+def test_evaluation_is_deterministic(chain, tiny_demo, tmp_path):
+    again = evaluate(tiny_demo, chain["out"] / "student", tmp_path, RUN, workers=0, progress=False)
+    assert again["srcc"] == chain["metrics"]["srcc"] and again["plcc_raw"] == chain["metrics"]["plcc_raw"]
+
+
+def test_empty_pair_table_stops_the_student_unless_allowed(chain, tiny_demo, tmp_path):
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    pd.read_parquet(chain["out"] / "bank" / "pairs.parquet").iloc[:0].to_parquet(bank / "pairs.parquet")
+    params = StudentParams(**TINY)
+    with pytest.raises(DataError, match="allow_empty_pairs"):
+        train_student(tiny_demo, tmp_path / "s", params, RUN, bank_dir=bank, progress=False)
+    with pytest.warns(UserWarning, match="without QCC"):
+        summary = train_student(tiny_demo, tmp_path / "s", StudentParams(**TINY, allow_empty_pairs=True), RUN,
+                                bank_dir=bank, progress=False, pseudo_dir=None)
+    assert summary["qcc"] is False
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _stop_after_first_epoch(record):
+    raise Interrupted(record["epoch"])
+
+
+def _fit(tiny_demo, out, epochs, resume=False, step=plain_step, on_epoch=None):
+    params = TrainParams(**(TINY | {"epochs": epochs}))
+    manifest = read_manifest(tiny_demo)
+    model = build_model(params)
+    crops = crop_config(params, model)
+    train = ManifestCropDataset(manifest, "split_0", "train", crops, train=True)
+    val = ManifestCropDataset(manifest, "split_0", "val", crops)
+    return fit(model, train, val, step, params, out, device="cpu", resume=resume, progress=False,
+               on_epoch=on_epoch), model
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path):
+    straight, model_a = _fit(tiny_demo, tmp_path / "a", epochs=2)
+    with pytest.raises(Interrupted):  # the process dies right after epoch 0's checkpoint
+        _fit(tiny_demo, tmp_path / "b", epochs=2, on_epoch=_stop_after_first_epoch)
+    resumed, model_b = _fit(tiny_demo, tmp_path / "b", epochs=2, resume=True)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+
+
+def test_corrupt_or_partial_checkpoint_is_refused(tmp_path):
+    path = save_checkpoint({"x": torch.arange(10)}, tmp_path / "last.pt")
+    assert torch.equal(load_checkpoint(path)["x"], torch.arange(10))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="corrupt or partial"):
+        load_checkpoint(path)
+    (tmp_path / "last.pt.sha256").unlink()
+    with pytest.raises(DataError, match="no checksum"):
+        load_checkpoint(path)
+
+
+def test_nan_loss_stops_with_step_and_batch_named_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path):
+    with pytest.raises(Interrupted):
+        _fit(tiny_demo, tmp_path, epochs=2, on_epoch=_stop_after_first_epoch)
+    good = load_checkpoint(tmp_path / LAST)
+
+    def nan_step(model, batch, device):
+        loss, log = plain_step(model, batch, device)
+        return loss * float("nan"), log | {"loss": float("nan")}
+
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+; batch images: images/"):
+        _fit(tiny_demo, tmp_path, epochs=2, resume=True, step=nan_step)
+    after = load_checkpoint(tmp_path / LAST)
+    assert after["epoch"] == good["epoch"] == 0
+
+
+def test_unknown_split_column_is_named(tiny_demo, tmp_path):
+    with pytest.raises(ConfigError, match="split_9"):
+        train_teacher(tiny_demo, tmp_path, TrainParams(**TINY), RunParams(split="split_9", device="cpu"),
+                      progress=False)
+
+
+def test_pair_batches_keep_each_pair_together_and_visit_every_image_once():
+    partners = {0: [5], 1: [2, 3], 7: [8], 9: [0]}
+    sampler = PairBatches(12, 4, partners, seed=3)
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        flat = [i for b in batches for i in b]
+        assert len(flat) == len(set(flat)) and len(flat) == 4 * (len(flat) // 4)
+        assert all(len(b) == 4 for b in batches)
+        for batch in batches:
+            for a, p in pairs_in_batch(batch, partners):
+                assert batch[p] in partners[batch[a]]
+        assert batches == list(sampler)  # the same order for the same (seed, epoch)
+    first = [list(ShuffledBatches(12, 4, seed=1)), list(ShuffledBatches(12, 4, seed=1))]
+    assert first[0] == first[1]
