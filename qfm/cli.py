@@ -23,12 +23,10 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 def _sections(args: argparse.Namespace) -> dict:
-    """The validated params.yaml sections when --params is given, else every section's defaults."""
-    from qfm.config import SECTIONS, load_params, parse_section
+    """The validated params.yaml sections (defaults without --params), with --set overrides applied."""
+    from qfm.config import load_params
 
-    if getattr(args, "params", None):
-        return load_params(args.params)
-    return {name: parse_section(name, {}) for name in SECTIONS}
+    return load_params(getattr(args, "params", None), overrides=getattr(args, "set", None) or [])
 
 
 def _pick(flag: object, default: object) -> object:
@@ -101,6 +99,174 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_run(args: argparse.Namespace, params: dict):
+    from dataclasses import replace
+
+    run = params["run"]
+    return replace(run, split=args.split or run.split, device=args.device or run.device)
+
+
+def cmd_train_teacher(args: argparse.Namespace) -> int:
+    from qfm.steps.teacher import train_teacher
+
+    params = _sections(args)
+    summary = train_teacher(args.manifest, args.out, params["train_teacher"], _split_run(args, params),
+                            resume=args.resume, progress=not args.quiet)
+    print(f"teacher: best epoch {summary['best_epoch']} by {summary['selected_on']} = "
+          f"{summary['val'][params['train_teacher'].select_metric]:.4f} ({summary['seconds']} s); {args.out}/best.pt")
+    return 0
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> int:
+    from qfm.steps.pseudo_label import pseudo_label
+
+    params = _sections(args)
+    summary = pseudo_label(args.manifest, args.teacher, args.out, params["pseudo_label"], _split_run(args, params),
+                           progress=not args.quiet)
+    print(f"pseudo-labels: kept {summary['n_kept']} of {summary['n_pool']} pool images "
+          f"({summary['n_excluded_heldout_content']} left out as held-out content, "
+          f"{summary['n_unreadable']} unreadable); {args.out}/pseudo_labels.parquet")
+    return 0
+
+
+def cmd_build_bank(args: argparse.Namespace) -> int:
+    from qfm.steps.bank import build_bank
+
+    params = _sections(args)
+    summary = build_bank(args.manifest, args.teacher, args.pseudo, args.out, params["build_bank"],
+                         _split_run(args, params), progress=not args.quiet)
+    print(f"bank: {summary['n_labelled']} labelled + {summary['n_pseudo']} pseudo-labelled images; "
+          f"{summary['n_pairs']} '{summary['rule']}' pairs, {summary['anchors_with_partner']} anchors with a "
+          f"partner; {args.out}/pairs.parquet")
+    return 0
+
+
+def cmd_train_student(args: argparse.Namespace) -> int:
+    from qfm.steps.student import train_student
+
+    params = _sections(args)
+    summary = train_student(args.manifest, args.out, params["train_student"], _split_run(args, params),
+                            teacher_dir=args.teacher, pseudo_dir=args.pseudo, bank_dir=args.bank,
+                            resume=args.resume, progress=not args.quiet)
+    print(f"student: best epoch {summary['best_epoch']} by {summary['selected_on']}, QCC "
+          f"{'on' if summary['qcc'] else 'off'}, {summary['n_pseudo']} pseudo-labelled images "
+          f"({summary['seconds']} s); {args.out}/best.pt")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from qfm.steps.evaluate import evaluate
+
+    params = _sections(args)
+    m = evaluate(args.manifest, args.model, args.out, _split_run(args, params), part=args.part,
+                 progress=not args.quiet)
+    plcc = f"{m['plcc_logistic']:.4f}" if m["plcc_logistic"] is not None else "n/a (fit failed)"
+    print(f"{args.part} ({m['n']} images): SRCC {m['srcc']:.4f}, KRCC {m['krcc']:.4f}, PLCC raw {m['plcc_raw']:.4f}, "
+          f"PLCC logistic-fitted {plcc}, RMSE raw {m['rmse_raw']:.4f}; {args.out}/metrics.json")
+    return 0
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    from qfm.data.manifest import read_manifest
+    from qfm.steps.protocol import run_protocol
+
+    params = _sections(args)
+    columns = read_manifest(args.manifest).split_columns
+    splits = args.splits.split(",") if args.splits else columns
+    summary = run_protocol(args.manifest, args.out, params, splits, progress=not args.quiet)
+    for who in ("teacher", "student"):
+        agg = summary[who]
+        print(f"{who}: SRCC median {agg['srcc']['median']:.4f} (mean {agg['srcc']['mean']:.4f} +- "
+              f"{agg['srcc']['std'] or 0:.4f}); PLCC raw median {agg['plcc_raw']['median']:.4f} over {len(splits)} splits")
+    print(f"details: {args.out}/protocol.json")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from qfm.steps.score import score_images, write_scores
+
+    frame = score_images(args.model, args.paths, device=args.device or "auto", batch_size=args.batch_size,
+                         workers=args.workers, progress=not args.quiet)
+    written = write_scores(frame, args.out)
+    if args.out:
+        print(f"scored {int(frame['error'].isna().sum())} images into {written}")
+    else:
+        print(written, end="")
+    bad = frame[frame["error"].notna()]
+    if len(bad):
+        listed = "\n".join(f"  - {p}: {e}" for p, e in zip(bad["path"], bad["error"]))
+        print(f"qfm score: {len(bad)} image(s) could not be read (listed in the output with their error):\n{listed}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _step_parser(sub, name: str, help_text: str, description: str, func, inputs: list[tuple[str, str]],
+                 out_help: str, resume: bool = False) -> argparse.ArgumentParser:
+    step = sub.add_parser(name, help=help_text, description=description)
+    for flag, text in inputs:
+        step.add_argument(flag, required=flag in ("--manifest", "--teacher", "--model"), help=text)
+    step.add_argument("--out", required=True, help=out_help)
+    step.add_argument("--params", metavar="FILE", help="read parameters from this params.yaml")
+    step.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                      help="override one parameter (repeatable), e.g. train_student.lambda_qcc=0")
+    step.add_argument("--split", help="split column to use (default: run.split, split_0)")
+    step.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    if resume:
+        step.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    step.add_argument("--quiet", action="store_true", help="no progress bars")
+    step.set_defaults(func=func)
+    return step
+
+
+def _add_training_steps(sub) -> None:
+    manifest = ("--manifest", "folder of manifest.parquet (from qfm ingest)")
+    teacher = ("--teacher", "folder of the trained teacher (from qfm train-teacher)")
+    _step_parser(sub, "train-teacher", "train the teacher with the plain DEIQT recipe",
+                 "Train on the split's train part; choose the epoch on its val part (never test). Writes "
+                 "OUT/best.pt, OUT/last.pt (a checkpoint each epoch; --resume continues it), history.json, "
+                 "training_curves.png, summary.json.", cmd_train_teacher, [manifest],
+                 "output folder", resume=True)
+    _step_parser(sub, "pseudo-label", "DLE: the teacher pseudo-labels the unlabelled pool",
+                 "Score the unlabelled pool (pseudo_label.pool) with the frozen teacher: multi-crop mean as "
+                 "the score, crop spread as uncertainty; keep the confident ones. Pool images of held-out "
+                 "content are left out. Writes OUT/pseudo_labels.parquet and summary.json.", cmd_pseudo_label,
+                 [manifest, teacher], "output folder")
+    _step_parser(sub, "build-bank", "SNM: feature bank and noise-partner mining",
+                 "Embed every training image (labelled train part + kept pseudo-labels; never val or test) "
+                 "with the frozen teacher, index with faiss, mine partners under build_bank.rule. Writes "
+                 "OUT/index.faiss, embeddings.npy, bank.parquet, pairs.parquet, summary.json.", cmd_build_bank,
+                 [manifest, teacher, ("--pseudo", "folder of pseudo-labels (from qfm pseudo-label)")],
+                 "output folder")
+    _step_parser(sub, "train-student", "QCC: train the deployed student",
+                 "Train the student on the train part plus kept pseudo-labels with the QCC consistency loss "
+                 "on SNM partners (and optional contrastive and distillation terms); epoch chosen on val.",
+                 cmd_train_student, [manifest, ("--teacher", "teacher folder (distillation)"),
+                                     ("--pseudo", "pseudo-label folder (DLE)"), ("--bank", "bank folder (SNM)")],
+                 "output folder", resume=True)
+    evaluate = _step_parser(sub, "evaluate", "test a trained model: SRCC, KRCC, PLCC (raw and fitted), RMSE",
+                            "Deterministic multi-crop test on one part of the split. Writes OUT/metrics.json, "
+                            "predictions.csv and scatter.png.", cmd_evaluate,
+                            [manifest, ("--model", "folder of a trained model (best.pt)")], "output folder")
+    evaluate.add_argument("--part", default="test", choices=["test", "val", "train"], help="which part (default test)")
+    protocol = _step_parser(sub, "protocol", "the whole chain on several splits, median and mean +- std",
+                            "Run teacher, DLE, SNM, student and evaluation on each split and aggregate the test "
+                            "figures (median, mean, std). Resumable.", cmd_protocol, [manifest], "output folder")
+    protocol.add_argument("--splits", help="comma-separated split columns (default: all of the manifest's)")
+    score = sub.add_parser("score", help="score image files or folders with a trained model",
+                           description="Quality scores in [0, 1] (higher = better) by the deterministic multi-crop "
+                                       "test. Unreadable images are listed with their error and make the exit "
+                                       "code 1; none is skipped silently.")
+    score.add_argument("paths", nargs="+", help="image files and/or folders")
+    score.add_argument("--model", required=True, help="a trained model folder or its best.pt")
+    score.add_argument("--out", help="output .csv or .json (default: CSV on standard output)")
+    score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    score.add_argument("--workers", type=int, default=2, help="decoding worker processes (default 2)")
+    score.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    score.add_argument("--quiet", action="store_true", help="no progress bars")
+    score.set_defaults(func=cmd_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qfm",
@@ -161,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
     demo.add_argument("--params", metavar="FILE", help="read defaults from this params.yaml (flags override)")
     demo.set_defaults(func=cmd_demo_data)
+    _add_training_steps(sub)
     return parser
 
 

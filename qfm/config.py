@@ -94,7 +94,9 @@ class StudentParams(TrainParams):
 class PseudoLabelParams:
     """DLE: the frozen teacher scores an unlabelled pool; the most confident predictions are kept."""
 
-    pool: str = "pool.csv"              # CSV (image[, content_id]) or folder, relative to the dataset root; "" = none
+    pool: str = "pool.csv"              # CSV (image[, content_id]) or folder under the dataset root; "synthetic":
+                                        # distorted copies of the split's train images; "" = no DLE
+    synthetic_per_image: int = 1        # pool: synthetic -> this many distorted copies per train image
     keep_quantile: float = 0.5          # keep this share of the pool with the lowest crop spread
     max_uncertainty: float | None = None  # and/or an absolute cap on the crop spread
     skip_unreadable: bool = False       # true: list unreadable pool images and go on; false: stop naming them
@@ -164,18 +166,31 @@ def parse_section(name: str, data: dict | None, source: str = "params.yaml") -> 
     return cls(**data)
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Every known section of a params file, validated; missing sections take their defaults."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"parameters file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of stage sections")
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] = ()) -> dict[str, Any]:
+    """Every known section of a params file (None: defaults only), validated, after applying overrides
+    of the form 'section.key=value' (value read as YAML); missing sections take their defaults."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"parameters file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of stage sections")
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        section, dot, key = dotted.partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"--set '{item}' is not SECTION.KEY=VALUE (e.g. train_student.lambda_qcc=0)")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"--set '{item}': section '{section}' is not a mapping")
+        raw[section][key] = yaml.safe_load(value)
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{path}: unknown section(s) {unknown}; known sections: {sorted(SECTIONS)}")
-    return {name: parse_section(name, raw.get(name), str(path)) for name in SECTIONS}
+        raise ConfigError(f"{path or 'parameters'}: unknown section(s) {unknown}; known sections: {sorted(SECTIONS)}")
+    source = str(path) if path is not None else "parameters"
+    return {name: parse_section(name, raw.get(name), source) for name in SECTIONS}

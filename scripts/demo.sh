@@ -9,3 +9,6 @@ echo
 echo "qfm: demo pipeline done. Where to look:"
 echo "  manifest and ingest report: artifacts/ingest/manifest.parquet, artifacts/ingest/ingest_report.json"
 echo "  validation report:          artifacts/validate/validation.html (and .json)"
+echo "  teacher / student:          artifacts/teacher/, artifacts/student/ (best.pt, history.json, training_curves.png)"
+echo "  test metrics and scatter:   artifacts/evaluate/metrics.json, artifacts/evaluate/scatter.png"
+echo "  score your own photos:      .venv/bin/qfm score PHOTO_OR_FOLDER --model artifacts/student"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from qfm.config import PseudoLabelParams, RunParams
 from qfm.data.images import list_images
@@ -48,6 +49,37 @@ def read_pool(manifest: Manifest, pool: str) -> pd.DataFrame:
     return frame
 
 
+SYNTHETIC = "synthetic"
+
+
+def make_synthetic_pool(manifest: Manifest, split: str, out_dir: Path, per_image: int, seed: int = 0,
+                        progress: bool = True) -> pd.DataFrame:
+    """Distorted copies of the split's train images (random type and level from the demo's distortions),
+    written under out_dir/pool/; each keeps its source's content_id, so it is never held-out content."""
+    from PIL import Image
+
+    from qfm.data.demo import DISTORTIONS, POOL_DISTORTIONS
+    from qfm.data.images import load_rgb
+
+    kinds = list(DISTORTIONS.values()) + list(POOL_DISTORTIONS.values())
+    train = manifest.frame[manifest.frame[split] == "train"]
+    folder = (out_dir / "pool").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, (image_id, path, content) in enumerate(tqdm(
+            zip(train["image_id"], train["path"], train["content_id"]), total=len(train), desc="synthetic pool",
+            disable=not progress)):
+        pixels = np.asarray(load_rgb(manifest.root / path))
+        rng = np.random.default_rng([seed, n])
+        for copy in range(per_image):
+            kind = kinds[rng.integers(len(kinds))]
+            level = float(rng.choice(kind.strengths(4)))
+            target = folder / f"{Path(str(image_id)).stem}_{n}_{copy}_{kind.name}.png"
+            Image.fromarray(kind.apply(pixels, level, rng)).save(target)
+            rows.append({"image_id": f"pool/{target.name}", "path": str(target), "content_id": str(content)})
+    return pd.DataFrame(rows)
+
+
 def select_confident(uncertainty: np.ndarray, keep_quantile: float, max_uncertainty: float | None) -> np.ndarray:
     """Keep the keep_quantile share with the lowest crop spread, and only those under max_uncertainty."""
     if not 0.0 <= keep_quantile <= 1.0:
@@ -70,7 +102,10 @@ def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str
         out_dir.mkdir(parents=True, exist_ok=True)
         table.to_parquet(out_dir / TABLE, index=False)
         return write_summary(out_dir, table, run, params, excluded=0)
-    pool = read_pool(manifest, params.pool)
+    if params.pool == SYNTHETIC:
+        pool = make_synthetic_pool(manifest, run.split, out_dir, params.synthetic_per_image, progress=progress)
+    else:
+        pool = read_pool(manifest, params.pool)
     held_out = set(manifest.frame.loc[manifest.frame[run.split] != "train", "content_id"].astype(str))
     excluded = pool["content_id"].isin(held_out)
     pool = pool[~excluded].reset_index(drop=True)
