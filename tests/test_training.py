@@ -191,3 +191,15 @@ def test_pair_batches_keep_each_pair_together_and_visit_every_image_once():
         assert batches == list(sampler)  # the same order for the same (seed, epoch)
     first = [list(ShuffledBatches(12, 4, seed=1)), list(ShuffledBatches(12, 4, seed=1))]
     assert first[0] == first[1]
+
+
+def test_synthetic_pool_distorts_train_images_only(chain, tiny_demo, tmp_path):
+    summary = pseudo_label(tiny_demo, chain["out"] / "teacher", tmp_path,
+                           PseudoLabelParams(pool="synthetic", synthetic_per_image=2, workers=0), RUN, progress=False)
+    manifest = read_manifest(tiny_demo)
+    train = manifest.frame[manifest.frame["split_0"] == "train"]
+    table = pd.read_parquet(tmp_path / "pseudo_labels.parquet")
+    assert summary["n_pool"] == len(table) == 2 * len(train)
+    assert set(table["content_id"]) <= set(train["content_id"])
+    assert all((tmp_path / "pool" / p.rsplit("/", 1)[-1]).is_file() for p in table["path"])
+    assert table["kept"].sum() == round(0.5 * len(table))
