@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +93,8 @@ def _fail_or_skip(problems: list[dict], skip_invalid: bool, what: str) -> None:
         more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(
             f"{len(problems)} {what}:\n" + "\n".join(lines) + more
-            + "\nFix the data, or pass --skip-invalid to leave these rows out (they are listed in the report)."
+            + "\nFix the data, or opt in to leaving these rows out (`qfm ingest --skip-invalid`, "
+              "ingest.skip_invalid: true, or skip_invalid=True); they are then listed in the report."
         )
 
 
@@ -248,5 +248,3 @@ def read_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         root = (path.parent / stored) if not os.path.isabs(stored) else Path(stored)
     return Manifest(frame=table.to_pandas(), root=Path(root), meta=meta)
 
-
-AdapterFn = Callable[..., RawDataset]
