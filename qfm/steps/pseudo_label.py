@@ -17,7 +17,7 @@ from qfm.data.images import list_images
 from qfm.data.manifest import Manifest
 from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
 from qfm.errors import ConfigError, DataError
-from qfm.steps.common import manifest_for_split, model_path, write_json
+from qfm.steps.common import manifest_for_split, model_path, recording_errors, write_json
 from qfm.train.engine import predict, resolve_device
 from qfm.train.fit import load_trained_model
 
@@ -113,10 +113,10 @@ def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str
     teacher, state = load_trained_model(model_path(teacher_dir), device)
     crops = CropConfig(**state["crop"])
     dataset = ImageListDataset([manifest.root / p for p in pool["path"]], crops, train=False, on_error="report")
-    errors = [None] * len(dataset)
+    errors: dict[int, str] = {}
     loader = make_loader(dataset, params.batch_size, params.workers)
-    index, score, spread = predict(teacher, _recording(loader, errors), device, progress=progress, desc="pseudo-label")
-    bad = [i for i, e in enumerate(errors) if e]
+    index, score, spread = predict(teacher, recording_errors(loader, errors), device, progress=progress, desc="pseudo-label")
+    bad = sorted(errors)
     if bad and not params.skip_unreadable:
         listed = "\n".join(f"  - {manifest.root / pool['path'][i]}: {errors[i]}" for i in bad[:20])
         raise DataError(f"{len(bad)} pool image(s) cannot be read:\n{listed}\n"
@@ -125,7 +125,7 @@ def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str
     pool["uncertainty"] = np.nan
     pool.loc[index, "score"] = score
     pool.loc[index, "uncertainty"] = spread
-    pool["error"] = errors
+    pool["error"] = [errors.get(i) for i in range(len(pool))]
     readable = pool["error"].isna().to_numpy()
     kept = np.zeros(len(pool), dtype=bool)
     kept[readable] = select_confident(pool.loc[readable, "uncertainty"].to_numpy(), params.keep_quantile,
@@ -135,14 +135,6 @@ def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str
     out_dir.mkdir(parents=True, exist_ok=True)
     pool[COLUMNS].to_parquet(out_dir / TABLE, index=False)
     return write_summary(out_dir, pool, run, params, excluded=int(excluded.sum()))
-
-
-def _recording(loader, errors: list):
-    """Pass batches through, noting which pool images failed to decode."""
-    for batch in loader:
-        for i, error in zip(batch["index"].tolist(), batch["error"]):
-            errors[i] = error
-        yield batch
 
 
 def write_summary(out_dir: Path, table: pd.DataFrame, run: RunParams, params: PseudoLabelParams,

@@ -11,7 +11,7 @@ import pandas as pd
 from qfm.data.images import IMAGE_SUFFIXES, list_images
 from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
 from qfm.errors import DataError
-from qfm.steps.common import model_path
+from qfm.steps.common import model_path, recording_errors
 from qfm.train.engine import predict, resolve_device
 from qfm.train.fit import load_trained_model
 
@@ -42,14 +42,8 @@ def score_images(model_ref: str | Path, paths: list[str | Path], *, device: str 
     files = collect_images(paths)
     dataset = ImageListDataset(files, CropConfig(**state["crop"]), train=False, on_error="report")
     errors: dict[int, str] = {}
-
-    def record(loader):
-        for batch in loader:
-            errors.update({i: e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
-            yield batch
-
-    index, score, spread = predict(model, record(make_loader(dataset, batch_size, workers)), resolve_device(device),
-                                   progress=progress, desc="score")
+    loader = recording_errors(make_loader(dataset, batch_size, workers), errors)
+    index, score, spread = predict(model, loader, resolve_device(device), progress=progress, desc="score")
     frame = pd.DataFrame({"path": [str(f) for f in files], "score": np.nan, "crop_std": np.nan, "error": None})
     frame.loc[index, "score"] = score
     frame.loc[index, "crop_std"] = spread
