@@ -63,29 +63,21 @@ def _check_hash_prefix(path: Path) -> None:
 
 
 def fetch_to_local(uri: str) -> Path:
-    """Download s3://bucket/key into a temporary file (the caller deletes it) using boto3's usual settings.
+    """Download s3://bucket/key into a temporary file (the caller deletes it), verified and retried by
+    qfm.storage.s3: the endpoint from AWS_ENDPOINT_URL when set (any S3-compatible store), credentials and
+    region from boto3's standard chain."""
+    from qfm.errors import DataError
+    from qfm.storage.s3 import download_file
+    from qfm.storage.uri import parse_s3_uri
 
-    The endpoint comes from AWS_ENDPOINT_URL when set (any S3-compatible store), credentials and region
-    from boto3's standard chain.
-    """
-    import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    parsed = urlparse(uri)
-    bucket, key = parsed.netloc, parsed.path.lstrip("/")
-    if parsed.scheme != "s3" or not bucket or not key:
-        raise ConfigError(f"weights URI '{uri}' is not of the form s3://bucket/key")
-    fd, tmp = tempfile.mkstemp(prefix="qfm-weights-", suffix=Path(key).suffix or ".pt")
+    target = parse_s3_uri(uri, what="weights URI", need_key=True)
+    fd, tmp = tempfile.mkstemp(prefix="qfm-weights-", suffix=Path(target.key).suffix or ".pt")
     os.close(fd)
     try:
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-        client.download_file(bucket, key, tmp)
-    except (ClientError, BotoCoreError) as exc:
+        download_file(uri, tmp)
+    except DataError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(
-            f"cannot download weights {uri}: {exc}. Check the bucket and key, the credentials "
-            "(AWS_ACCESS_KEY_ID / AWS_PROFILE) and AWS_ENDPOINT_URL for an S3-compatible store"
-        ) from exc
+        raise ConfigError(f"cannot download weights {uri}: {exc}") from exc
     return Path(tmp)
 
 

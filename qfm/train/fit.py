@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from qfm.config import TrainParams
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
 from qfm.eval.metrics import compute_metrics
+from qfm.faults import pause_point
 from qfm.models import create_model
 from qfm.train.checkpoint import (
     BEST,
@@ -116,7 +117,8 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
         train_set.set_epoch(epoch)
         batch_sampler.set_epoch(epoch)
         train_log = train_one_epoch(model, train_loader, step_fn, optimizer, scheduler, device, epoch=epoch,
-                                    clip_grad=params.clip_grad, amp=params.amp, progress=progress)
+                                    clip_grad=params.clip_grad, amp=params.amp, progress=progress,
+                                    on_step=_pause_after_step)
         val, _ = validation_metrics(model, val_loader, val_mos, device, params.amp, progress)
         score = val[params.select_metric]
         record = {"epoch": epoch, **train_log, **{f"val_{k}": v for k, v in val.items() if _is_number(v)},
@@ -133,6 +135,10 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
             on_epoch(record)
     return FitResult(best_epoch=best["epoch"], best_val=best["val"], history=history, model_path=out_dir / BEST,
                      seconds=time.perf_counter() - started)
+
+
+def _pause_after_step(global_step: int) -> None:
+    pause_point(f"step:{global_step}")  # lets a fault test SIGKILL training mid-epoch (qfm/faults.py)
 
 
 def _is_number(value) -> bool:
