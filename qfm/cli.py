@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from qfm.errors import ConfigError, QfmError
+from qfm.storage import is_s3_uri
 
 EXIT_USER_ERROR = 2
 
@@ -24,9 +25,16 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 def _sections(args: argparse.Namespace) -> dict:
     """The validated params.yaml sections (defaults without --params), with --set overrides applied."""
+    from dataclasses import replace
+
     from qfm.config import load_params
 
-    return load_params(getattr(args, "params", None), overrides=getattr(args, "set", None) or [])
+    params = load_params(getattr(args, "params", None), overrides=getattr(args, "set", None) or [])
+    if params["tracking"].enabled and not params["tracking"].pipeline_run:  # group this run's stages in MLflow
+        from qfm.tracking import pipeline_run_id
+
+        params["tracking"] = replace(params["tracking"], pipeline_run=pipeline_run_id(params))
+    return params
 
 
 def _pick(flag: object, default: object) -> object:
@@ -38,6 +46,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from qfm.data.adapters import ADAPTERS, read_dataset
     from qfm.data.manifest import build_manifest, write_manifest
     from qfm.data.splits import SplitProtocol
+    from qfm.tracking import flat_params, step_run
 
     if args.list_formats:
         for name in sorted(ADAPTERS):
@@ -51,6 +60,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         raise ConfigError("qfm ingest needs --format, --root and --out, or --params with an ingest section "
                           "(see `qfm ingest --help`)")
     started = time.perf_counter()
+    if is_s3_uri(root):  # download (only what differs) into the local cache, then ingest that copy
+        from qfm.storage.staging import fetch_folder
+
+        root, fetched = fetch_folder(root, _storage(args), what="--root", progress=not args.quiet)
+        print(f"fetched {fetched.summary()}")
     options = dict(ingest.options) | dict(_parse_option(o) for o in args.option)
     try:
         raw = read_dataset(fmt, root, **options)
@@ -61,8 +75,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
                              val_fraction=_pick(args.val_fraction, splits.val_fraction),
                              seed=_pick(args.split_seed, splits.seed))
     skip = args.skip_invalid or ingest.skip_invalid
-    manifest = build_manifest(raw, protocol, skip_invalid=skip, progress=not args.quiet)
-    path = write_manifest(manifest, args.out)
+    logged = {"ingest.format": fmt, "ingest.root": str(root), "ingest.options": options, "ingest.skip_invalid": skip}
+    with step_run("ingest", params["tracking"], params=logged | flat_params("splits", protocol), data_root=root) as run:
+        manifest = build_manifest(raw, protocol, skip_invalid=skip, progress=not args.quiet)
+        path = write_manifest(manifest, args.out)
+        run.log_metrics({"n_images": manifest.meta["n_images"], "n_skipped": manifest.meta["n_skipped"]})
+        run.log_artifacts([Path(args.out) / "ingest_report.json"])
     meta = manifest.meta
     print(f"ingested {meta['n_images']} images of '{meta['dataset']}' into {path} "
           f"({len(manifest.split_columns)} splits, {time.perf_counter() - started:.1f} s)")
@@ -75,15 +93,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from qfm.data.manifest import read_manifest
     from qfm.data.validate import raise_if_failed, validate_manifest
+    from qfm.tracking import step_run
 
-    limits = _sections(args)["validate"]
+    params = _sections(args)
+    limits = params["validate"]
     manifest = read_manifest(args.manifest)
     report_dir = Path(args.report) if args.report else Path(args.manifest if Path(args.manifest).is_dir()
                                                              else Path(args.manifest).parent)
-    result = validate_manifest(manifest, min_width=_pick(args.min_width, limits.min_width),
-                               min_height=_pick(args.min_height, limits.min_height),
-                               report_dir=report_dir, progress=not args.quiet)
-    raise_if_failed(result, report_dir)
+    sizes = {"validate.min_width": _pick(args.min_width, limits.min_width),
+             "validate.min_height": _pick(args.min_height, limits.min_height)}
+    with step_run("validate", params["tracking"], params={k: str(v) for k, v in sizes.items()},
+                  inputs={"manifest": args.manifest}, manifest_dir=args.manifest) as run:
+        result = validate_manifest(manifest, min_width=sizes["validate.min_width"],
+                                   min_height=sizes["validate.min_height"], report_dir=report_dir,
+                                   progress=not args.quiet)
+        run.log_metrics({"success": float(result.success)} | {f"checks_{k}": v for k, v in result.counts.items()})
+        run.log_artifacts([report_dir / "validation.json", report_dir / "validation.html"])
+        raise_if_failed(result, report_dir)
     print(result.summary())
     print(f"report: {report_dir / 'validation.html'} (and validation.json)")
     return 0
@@ -93,8 +119,9 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from qfm.data.demo import make_demo
 
     started = time.perf_counter()
-    seed = _pick(args.seed, _sections(args)["demo"].seed)
-    summary = make_demo(Path(args.out), seed=seed)
+    demo = _sections(args)["demo"]
+    summary = make_demo(Path(args.out), seed=_pick(args.seed, demo.seed), n_references=demo.n_references,
+                        n_levels=demo.n_levels, pool_levels=demo.pool_levels, image_size=demo.image_size)
     print(f"demo dataset written to {args.out} in {time.perf_counter() - started:.1f} s: {summary}")
     return 0
 
@@ -111,7 +138,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
 
     params = _sections(args)
     summary = train_teacher(args.manifest, args.out, params["train_teacher"], _split_run(args, params),
-                            resume=args.resume, progress=not args.quiet)
+                            resume=args.resume, progress=not args.quiet, on_epoch=getattr(args, "on_epoch", None),
+                            tracking=params["tracking"])
     print(f"teacher: best epoch {summary['best_epoch']} by {summary['selected_on']} = "
           f"{summary['val'][params['train_teacher'].select_metric]:.4f} ({summary['seconds']} s); {args.out}/best.pt")
     return 0
@@ -122,7 +150,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
     params = _sections(args)
     summary = pseudo_label(args.manifest, args.teacher, args.out, params["pseudo_label"], _split_run(args, params),
-                           progress=not args.quiet)
+                           progress=not args.quiet, tracking=params["tracking"])
     print(f"pseudo-labels: kept {summary['n_kept']} of {summary['n_pool']} pool images "
           f"({summary['n_excluded_heldout_content']} left out as held-out content, "
           f"{summary['n_unreadable']} unreadable); {args.out}/pseudo_labels.parquet")
@@ -134,7 +162,7 @@ def cmd_build_bank(args: argparse.Namespace) -> int:
 
     params = _sections(args)
     summary = build_bank(args.manifest, args.teacher, args.pseudo, args.out, params["build_bank"],
-                         _split_run(args, params), progress=not args.quiet)
+                         _split_run(args, params), progress=not args.quiet, tracking=params["tracking"])
     print(f"bank: {summary['n_labelled']} labelled + {summary['n_pseudo']} pseudo-labelled images; "
           f"{summary['n_pairs']} '{summary['rule']}' pairs, {summary['anchors_with_partner']} anchors with a "
           f"partner; {args.out}/pairs.parquet")
@@ -147,7 +175,8 @@ def cmd_train_student(args: argparse.Namespace) -> int:
     params = _sections(args)
     summary = train_student(args.manifest, args.out, params["train_student"], _split_run(args, params),
                             teacher_dir=args.teacher, pseudo_dir=args.pseudo, bank_dir=args.bank,
-                            resume=args.resume, progress=not args.quiet)
+                            resume=args.resume, progress=not args.quiet, on_epoch=getattr(args, "on_epoch", None),
+                            tracking=params["tracking"])
     print(f"student: best epoch {summary['best_epoch']} by {summary['selected_on']}, QCC "
           f"{'on' if summary['qcc'] else 'off'}, {summary['n_pseudo']} pseudo-labelled images "
           f"({summary['seconds']} s); {args.out}/best.pt")
@@ -159,10 +188,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     params = _sections(args)
     m = evaluate(args.manifest, args.model, args.out, _split_run(args, params), part=args.part,
-                 progress=not args.quiet)
+                 progress=not args.quiet, tracking=params["tracking"])
     plcc = f"{m['plcc_logistic']:.4f}" if m["plcc_logistic"] is not None else "n/a (fit failed)"
     print(f"{args.part} ({m['n']} images): SRCC {m['srcc']:.4f}, KRCC {m['krcc']:.4f}, PLCC raw {m['plcc_raw']:.4f}, "
           f"PLCC logistic-fitted {plcc}, RMSE raw {m['rmse_raw']:.4f}; {args.out}/metrics.json")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from qfm.steps.promote import promote
+
+    params = _sections(args)
+    result = promote(args.model, args.manifest, args.out, params["promote"], _split_run(args, params),
+                     eval_dir=args.eval, tracking=replace(params["tracking"], enabled=True), progress=not args.quiet)
+    print(f"promote: {result['model_name']} version {result['version']} is {' and '.join(result['aliases'])}; "
+          f"{result['reason']}; serve it with: mlflow models serve -m {result['model_uri']} --env-manager local")
     return 0
 
 
@@ -214,6 +256,7 @@ def _step_parser(sub, name: str, help_text: str, description: str, func, inputs:
     step.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     if resume:
         step.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+    _storage_flags(step)
     step.add_argument("--quiet", action="store_true", help="no progress bars")
     step.set_defaults(func=func)
     return step
@@ -249,6 +292,14 @@ def _add_training_steps(sub) -> None:
                             "predictions.csv and scatter.png.", cmd_evaluate,
                             [manifest, ("--model", "folder of a trained model (best.pt)")], "output folder")
     evaluate.add_argument("--part", default="test", choices=["test", "val", "train"], help="which part (default test)")
+    _step_parser(sub, "promote", "register the student in MLflow; gate the champion alias",
+                 "Register the trained student (--model) as a version of promote.model_name (pyfunc: images in, scores "
+                 "out), alias it 'challenger', and 'champion' only if its validation promote.metric beats the "
+                 "champion's by promote.margin on the same data (else the champion stays; the reason is the "
+                 "version's qfm.promotion tag). MLflow at $MLFLOW_TRACKING_URI, else tracking.uri. Writes "
+                 "OUT/promotion.json.", cmd_promote,
+                 [manifest, ("--model", "folder of the trained student (best.pt, summary.json)"),
+                  ("--eval", "folder of its evaluation (test metrics shown on the version)")], "output folder")
     protocol = _step_parser(sub, "protocol", "the whole chain on several splits, median and mean +- std",
                             "Run teacher, DLE, SNM, student and evaluation on each split and aggregate the test "
                             "figures (median, mean, std). Resumable.", cmd_protocol, [manifest], "output folder")
@@ -258,13 +309,69 @@ def _add_training_steps(sub) -> None:
                                        "test. Unreadable images are listed with their error and make the exit "
                                        "code 1; none is skipped silently.")
     score.add_argument("paths", nargs="+", help="image files and/or folders")
-    score.add_argument("--model", required=True, help="a trained model folder or its best.pt")
+    score.add_argument("--model", required=True, help="a trained model folder, its best.pt, or a registered model "
+                                                       "models:/NAME@ALIAS (MLflow at $MLFLOW_TRACKING_URI)")
     score.add_argument("--out", help="output .csv or .json (default: CSV on standard output)")
     score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     score.add_argument("--workers", type=int, default=2, help="decoding worker processes (default 2)")
     score.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=cmd_score)
+
+
+S3_FOLDER_INPUTS = ("manifest", "teacher", "pseudo", "bank", "model", "eval")
+S3_FOLDER_OUT = {"ingest", "demo-data", "train-teacher", "pseudo-label", "build-bank", "train-student", "evaluate",
+                 "protocol", "promote"}
+
+
+def _storage_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint-url", help="S3-compatible endpoint for s3:// paths (default: storage.endpoint_url, "
+                                               "else $AWS_ENDPOINT_URL, else AWS)")
+    parser.add_argument("--cache", help="local mirror of s3:// folders (default: storage.cache, .qfm-cache)")
+
+
+def _storage(args: argparse.Namespace):
+    """Transfer settings: flags over params.yaml's storage section; credentials from the AWS settings."""
+    from qfm.storage.staging import Storage
+
+    params = _sections(args)["storage"]
+    return Storage(endpoint_url=getattr(args, "endpoint_url", None) or params.endpoint_url,
+                   cache=Path(getattr(args, "cache", None) or params.cache), workers=params.workers,
+                   max_attempts=params.max_attempts)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the subcommand. s3:// input folders are fetched into the cache first; an s3:// --out folder is written
+    there and uploaded after the step (training checkpoints after every epoch; --resume starts from S3)."""
+    inputs = [n for n in S3_FOLDER_INPUTS if is_s3_uri(getattr(args, n, None))]
+    out_on_s3 = args.command in S3_FOLDER_OUT and is_s3_uri(getattr(args, "out", None))
+    unsupported = [n for n, v in vars(args).items()
+                   if is_s3_uri(v) and n not in inputs and n != "root" and not (n == "out" and out_on_s3)]
+    if unsupported:
+        flag = unsupported[0].replace("_", "-")
+        raise ConfigError(f"qfm {args.command} --{flag} cannot be an s3:// URI; write locally and upload, or use "
+                          "an s3:// --out folder, --root of ingest or an input folder (--manifest, --teacher, ...)")
+    if not inputs and not out_on_s3:
+        return args.func(args)
+    from qfm.storage.staging import StagedOutput, fetch_folder
+
+    storage = _storage(args)
+    for name in inputs:
+        local, fetched = fetch_folder(getattr(args, name), storage, what=f"--{name}",
+                                      progress=not getattr(args, "quiet", False))
+        print(f"fetched {fetched.summary()}")
+        setattr(args, name, str(local))
+    if not out_on_s3:
+        return args.func(args)
+    staged = StagedOutput(args.out, storage, resume=getattr(args, "resume", False),
+                          progress=not getattr(args, "quiet", False))
+    if staged.fetched is not None:
+        print(f"fetched {staged.fetched.summary()}")
+    args.out, args.on_epoch = str(staged.local), staged.push
+    code = args.func(args)
+    if code == 0:
+        print(f"uploaded {staged.push().summary()}")
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--params", metavar="FILE", help="read defaults from this params.yaml (flags override)")
     ingest.add_argument("--list-formats", action="store_true", help="list the known formats and exit")
     ingest.add_argument("--quiet", action="store_true", help="no progress bars")
+    _storage_flags(ingest)
     ingest.set_defaults(func=cmd_ingest)
 
     validate = sub.add_parser(
@@ -336,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except QfmError as exc:
         print(f"qfm {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -19,6 +19,10 @@ from qfm.errors import ConfigError
 @dataclass(frozen=True)
 class DemoParams:
     seed: int = 0
+    n_references: int = 16              # photographs (2..16); fewer, smaller images make a quick smoke run
+    n_levels: int = 4                   # distortion levels per type
+    pool_levels: int = 3                # levels of the unlabelled pool's distortions (0: no pool)
+    image_size: int = 256
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,9 @@ class StudentParams(TrainParams):
     """QCC student: partners from the SNM pair table, DLE pseudo-labels, optional contrastive / distillation."""
 
     qcc: bool = True
-    alpha: float = 0.5                  # T' = T + alpha * N
+    alpha: float = 0.1                  # T' = T + alpha * N (chosen on clive-dev val parts)
     qcc_mode: str = "label"             # label | clean | both
-    lambda_qcc: float = 1.0
+    lambda_qcc: float = 0.5
     lambda_con: float = 0.0
     lambda_pl: float = 0.5
     lambda_kd: float = 0.0
@@ -120,6 +124,41 @@ class BankParams:
     workers: int = 2
 
 
+@dataclass(frozen=True)
+class TrackingParams:
+    """MLflow tracking of every step (qfm/tracking.py). Off unless a params file turns it on, so the library
+    and ad-hoc commands run without MLflow; $MLFLOW_TRACKING_URI, when set, overrides `uri`."""
+
+    enabled: bool = False
+    uri: str = "sqlite:///mlflow.db"    # relative to the working folder (the project root under dvc repro)
+    artifacts: str = "mlartifacts"      # artifact folder of a new experiment in a local (sqlite/file) store
+    experiment: str = "qfm"
+    log_checkpoints: bool = False       # false: log each checkpoint's path and SHA-256; true: upload the file
+    pipeline_run: str = ""              # groups one pipeline run's stages; "" = $QFM_PIPELINE_RUN, else derived
+                                        # from the git commit and all parameters
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """Registry and gated promotion (qfm promote): the student becomes `challenger`, and `champion` only if
+    its validation metric beats the champion's, on the same data, by `margin`."""
+
+    model_name: str = "qfm-iqm"
+    metric: str = "srcc"                # a validation metric of the training summary: srcc, krcc, plcc_raw, ...
+    margin: float = 0.01                # required improvement (lower-is-better metrics such as rmse: decrease)
+
+
+@dataclass(frozen=True)
+class StorageParams:
+    """S3 transfers (s3:// dataset roots, step folders, checkpoints). Credentials and region come only from
+    the standard AWS settings (environment, ~/.aws, the machine's role), never from this file."""
+
+    endpoint_url: str | None = None     # an S3-compatible store (MinIO, Ceph); null: AWS_ENDPOINT_URL, else AWS
+    cache: str = ".qfm-cache"           # local mirror of s3:// folders, as CACHE/bucket/key
+    workers: int = 16                   # parallel transfers
+    max_attempts: int = 8               # tries per request (botocore standard retries) and per object read
+
+
 SECTIONS: dict[str, type] = {
     "demo": DemoParams,
     "ingest": IngestParams,
@@ -130,6 +169,9 @@ SECTIONS: dict[str, type] = {
     "pseudo_label": PseudoLabelParams,
     "build_bank": BankParams,
     "train_student": StudentParams,
+    "tracking": TrackingParams,
+    "promote": PromoteParams,
+    "storage": StorageParams,
 }
 
 

@@ -21,3 +21,26 @@ def tiny_demo(tmp_path_factory) -> Path:
                               SplitProtocol(n_splits=2, test_fraction=0.2, val_fraction=0.25), progress=False)
     write_manifest(manifest, root / "manifest")
     return root / "manifest"
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory):
+    """A real S3 endpoint for the session: moto_server on 127.0.0.1 (tests/s3_server.py)."""
+    from s3_server import MotoServer
+
+    with MotoServer(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(moto_s3, monkeypatch, tmp_path) -> dict[str, str]:
+    """AWS settings that point boto3, DVC and MLflow at moto (and nowhere else); returns them."""
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": moto_s3.url, "MLFLOW_S3_ENDPOINT_URL": moto_s3.url,
+           "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"), "AWS_EC2_METADATA_DISABLED": "true"}
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env

@@ -12,10 +12,12 @@ from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
 from qfm.snm.bank import build_bank as index_and_mine
 from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
+from qfm.tracking import tracked
 from qfm.train.engine import embed, resolve_device
 from qfm.train.fit import load_trained_model
 
 
+@tracked("build_bank", inputs=("manifest_dir", "teacher_dir", "pseudo_dir"), outputs=("summary.json",))
 def build_bank(manifest_dir: str | Path, teacher_dir: str | Path, pseudo_dir: str | Path | None,
                out_dir: str | Path, params: BankParams, run: RunParams, *, progress: bool = True) -> dict:
     """Embed, index, mine; writes index.faiss, embeddings.npy, bank.parquet, pairs.parquet, summary.json."""

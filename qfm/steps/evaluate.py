@@ -11,10 +11,13 @@ from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
 from qfm.eval.metrics import compute_metrics
 from qfm.eval.report import scatter_plot, write_metrics_json
 from qfm.steps.common import manifest_for_split, model_path
+from qfm.tracking import tracked
 from qfm.train.engine import predict, resolve_device
 from qfm.train.fit import load_trained_model
 
 
+@tracked("evaluate", inputs=("manifest_dir", "model_dir"), params=("run", "part"),
+         outputs=("metrics.json", "predictions.csv", "scatter.png"))
 def evaluate(manifest_dir: str | Path, model_dir: str | Path, out_dir: str | Path, run: RunParams, *,
              part: str = "test", batch_size: int = 16, workers: int = 2, progress: bool = True) -> dict:
     """Writes metrics.json (SRCC, KRCC, PLCC raw and logistic-fitted, RMSE), predictions.csv, scatter.png."""

@@ -18,6 +18,7 @@ from qfm.data.manifest import Manifest
 from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
 from qfm.errors import ConfigError, DataError
 from qfm.steps.common import manifest_for_split, model_path, recording_errors, write_json
+from qfm.tracking import tracked
 from qfm.train.engine import predict, resolve_device
 from qfm.train.fit import load_trained_model
 
@@ -92,6 +93,7 @@ def select_confident(uncertainty: np.ndarray, keep_quantile: float, max_uncertai
     return keep
 
 
+@tracked("pseudo_label", inputs=("manifest_dir", "teacher_dir"), outputs=("summary.json",))
 def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str | Path,
                  params: PseudoLabelParams, run: RunParams, *, progress: bool = True) -> dict:
     """Score the pool with the teacher; write pseudo_labels.parquet (COLUMNS) and summary.json."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from qfm.data.images import IMAGE_SUFFIXES, list_images
 from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
@@ -34,12 +35,34 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
     return out
 
 
+MODEL_URI = "models:/"
+
+
+def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.Module, dict]:
+    """(model, checkpoint state) from a model folder, a best.pt, or a registered model (models:/NAME@ALIAS,
+    models:/NAME/VERSION; the MLflow tracking URI is $MLFLOW_TRACKING_URI, else the project's default)."""
+    if str(model_ref).startswith(MODEL_URI):
+        from qfm.config import TrackingParams
+        from qfm.registry.versions import checkpoint_from_uri
+        from qfm.tracking import tracking_uri
+
+        with checkpoint_from_uri(str(model_ref), tracking_uri(TrackingParams())) as path:
+            return load_trained_model(path, resolve_device(device))
+    ref = Path(model_ref)
+    return load_trained_model(ref if ref.is_file() else model_path(ref), resolve_device(device))
+
+
 def score_images(model_ref: str | Path, paths: list[str | Path], *, device: str = "auto", batch_size: int = 16,
                  workers: int = 2, progress: bool = True) -> pd.DataFrame:
     """One row per image: path, score (0-1, higher = better), crop_std, error (None when it decoded)."""
-    ref = Path(model_ref)
-    model, state = load_trained_model(ref if ref.is_file() else model_path(ref), resolve_device(device))
-    files = collect_images(paths)
+    model, state = load_scoring_model(model_ref, device)
+    return score_files(model, state, collect_images(paths), device=device, batch_size=batch_size, workers=workers,
+                       progress=progress)
+
+
+def score_files(model: nn.Module, state: dict, files: list[Path], *, device: str = "auto", batch_size: int = 16,
+                workers: int = 2, progress: bool = True) -> pd.DataFrame:
+    """Score these files with a loaded model (one row each, in order; unreadable ones get an error)."""
     dataset = ImageListDataset(files, CropConfig(**state["crop"]), train=False, on_error="report")
     errors: dict[int, str] = {}
     loader = recording_errors(make_loader(dataset, batch_size, workers), errors)

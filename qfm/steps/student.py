@@ -16,6 +16,7 @@ from qfm.losses import LossWeights
 from qfm.snm.bank import load_pairs
 from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
+from qfm.tracking import TRAINING_OUTPUTS, tracked
 from qfm.train.engine import predict, resolve_device
 from qfm.train.fit import build_model, crop_config, fit, load_trained_model
 from qfm.train.sampler import PairBatches, ShuffledBatches
@@ -55,6 +56,8 @@ def load_partners(bank_dir: str | Path | None, params: StudentParams, image_ids:
     return partners
 
 
+@tracked("train_student", inputs=("manifest_dir", "teacher_dir", "pseudo_dir", "bank_dir"), outputs=TRAINING_OUTPUTS,
+         checkpoints=("best.pt",))
 def train_student(manifest_dir: str | Path, out_dir: str | Path, params: StudentParams, run: RunParams, *,
                   teacher_dir: str | Path | None = None, pseudo_dir: str | Path | None = None,
                   bank_dir: str | Path | None = None, resume: bool = False, progress: bool = True,

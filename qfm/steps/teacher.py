@@ -8,10 +8,12 @@ from qfm.config import RunParams, TrainParams
 from qfm.data.torch_dataset import ManifestCropDataset
 from qfm.eval.report import training_curves_plot
 from qfm.steps.common import manifest_for_split, write_json
+from qfm.tracking import TRAINING_OUTPUTS, tracked
 from qfm.train.fit import build_model, crop_config, fit
 from qfm.train.steps import plain_step
 
 
+@tracked("train_teacher", inputs=("manifest_dir",), outputs=TRAINING_OUTPUTS, checkpoints=("best.pt",))
 def train_teacher(manifest_dir: str | Path, out_dir: str | Path, params: TrainParams, run: RunParams, *,
                   resume: bool = False, progress: bool = True, on_epoch=None) -> dict:
     """Train on split `run.split`'s train part; writes best.pt, last.pt, history.json, summary.json."""
