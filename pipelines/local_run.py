@@ -1,0 +1,92 @@
+"""Run the whole pipeline on this machine with kfp.local (SubprocessRunner, use_venv=False): the same
+components and DAG as on a cluster, each step a subprocess of the current Python environment.
+
+    python -m pipelines.local_run [--params params.yaml] [--set SECTION.KEY=VALUE ...] [--out DIR]
+
+The dataset is `--dataset` or params' ingest.root; with ingest.format 'demo' a missing folder is made with
+the built-in demo. Outputs land under OUT/qfm-iqm-<time>/<step>/<output>; platform settings (GPUs, secrets,
+volumes) are ignored locally, and the steps read MLflow settings from this process's environment.
+"""
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from qfm.errors import DataError, QfmError
+from qfm.tracking import PIPELINE_ENV
+
+DEFAULT_OUT = "artifacts/kfp-local"
+
+
+def prepare_dataset(params: dict, dataset: str | Path | None) -> Path:
+    """The dataset folder to import: the given one, else ingest.root (the demo is made there if missing)."""
+    from qfm.data.demo import make_demo
+
+    ingest = params["ingest"]
+    path = Path(dataset or ingest.root)
+    if path.is_dir():
+        return path.resolve()
+    if dataset is None and ingest.format == "demo":
+        demo = params["demo"]  # as `qfm demo-data` (the dvc.yaml stage) makes it
+        make_demo(path, seed=demo.seed, n_references=demo.n_references, n_levels=demo.n_levels,
+                  pool_levels=demo.pool_levels, image_size=demo.image_size, progress=False)
+        return path.resolve()
+    raise DataError(f"dataset folder {path} does not exist: pass --dataset DIR or set ingest.root in the params file")
+
+
+def run_local(params: dict, dataset: Path, out: str | Path, min_srcc: float = 0.0) -> Path:
+    """Run the pipeline under kfp.local; returns the run's folder (one subfolder per step)."""
+    from kfp import local
+
+    from pipelines.qfm_pipeline import PIPELINE_NAME, qfm_pipeline, section_arguments
+
+    out = Path(out).resolve()
+    before = set(out.glob(f"{PIPELINE_NAME}-*")) if out.is_dir() else set()
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out), raise_on_error=True)
+    previous = os.environ.get(PIPELINE_ENV)  # the steps (subprocesses) share one MLflow pipeline-run tag
+    os.environ[PIPELINE_ENV] = previous or f"kfp-local-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        with warnings.catch_warnings():  # the image is the project image, i.e. this very environment
+            warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+            qfm_pipeline(dataset_uri=str(dataset), min_srcc=min_srcc, **section_arguments(params))
+    except RuntimeError as exc:  # kfp.local: a task failed; its log (with qfm's message) is printed above
+        raise DataError(f"the local pipeline run failed: {exc}") from exc
+    finally:
+        if previous is None:
+            del os.environ[PIPELINE_ENV]
+    runs = sorted(set(out.glob(f"{PIPELINE_NAME}-*")) - before)
+    if len(runs) != 1:
+        raise DataError(f"expected one new run folder under {out}, found {len(runs)}")
+    return runs[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qfm.config import load_params
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.local_run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one parameter (repeatable)")
+    parser.add_argument("--dataset", help="dataset folder (default: ingest.root)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"local pipeline root (default {DEFAULT_OUT})")
+    parser.add_argument("--min-srcc", type=float, default=0.0, help="promote only at this test SRCC or above")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params, overrides=args.set)
+        dataset = prepare_dataset(params, args.dataset)
+        started = time.perf_counter()
+        run_dir = run_local(params, dataset, args.out, args.min_srcc)
+    except QfmError as exc:
+        print(f"pipelines.local_run: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"local pipeline run finished in {time.perf_counter() - started:.1f} s; outputs in {run_dir}")
+    if not (run_dir / "promote").is_dir():
+        print(f"promote did not run: the test SRCC is below --min-srcc {args.min_srcc} (see {run_dir / 'evaluate'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
