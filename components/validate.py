@@ -14,22 +14,16 @@ def validate(manifest: Input[Dataset], dataset: Input[Dataset], params: str, tra
     import tempfile
     from pathlib import Path
 
-    from qfm.data.manifest import read_manifest
-    from qfm.data.validate import REPORT_HTML, REPORT_JSON, raise_if_failed, validate_manifest
-    from qfm.tracking import step_run
+    from qfm.data.validate import REPORT_HTML, REPORT_JSON
+    from qfm.steps.validate import validate as run_validate
 
-    limits = load_section("validate", params)
-    local = local_manifest(manifest.path, dataset.path)
     work = Path(tempfile.mkdtemp(prefix="qfm-validate-"))
-    with step_run("validate", load_section("tracking", tracking),
-                  params={"validate.min_width": str(limits.min_width), "validate.min_height": str(limits.min_height)},
-                  inputs={"manifest": local}, manifest_dir=local) as run:
-        result = validate_manifest(read_manifest(local), min_width=limits.min_width, min_height=limits.min_height,
-                                   report_dir=work, progress=False)
-        shutil.copyfile(work / REPORT_HTML, report.path)
-        shutil.copyfile(work / REPORT_JSON, details.path)
-        note_summary(details, {"success": result.success, "n_rows": result.n_rows, **result.counts})
-        run.log_metrics({"success": float(result.success)} | {f"checks_{k}": v for k, v in result.counts.items()})
-        run.log_artifacts([work / REPORT_JSON, work / REPORT_HTML])
-        raise_if_failed(result, work)
+    try:
+        result = run_validate(local_manifest(manifest.path, dataset.path), work, load_section("validate", params),
+                              tracking=load_section("tracking", tracking), progress=False)
+    finally:  # the report is published even when a check failed (the step then fails, naming each failure)
+        if (work / REPORT_HTML).is_file():
+            shutil.copyfile(work / REPORT_HTML, report.path)
+            shutil.copyfile(work / REPORT_JSON, details.path)
+    note_summary(details, {"success": result.success, "n_rows": result.n_rows, **result.counts})
     print(result.summary())

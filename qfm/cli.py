@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -43,19 +44,18 @@ def _pick(flag: object, default: object) -> object:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from qfm.data.adapters import ADAPTERS, read_dataset
-    from qfm.data.manifest import build_manifest, write_manifest
+    from qfm.data.adapters import ADAPTERS
     from qfm.data.splits import SplitProtocol
-    from qfm.tracking import flat_params, step_run
+    from qfm.steps.ingest import REPORT_FILE, ingest
 
     if args.list_formats:
         for name in sorted(ADAPTERS):
             print(f"{name:10s} {ADAPTERS[name].description}")
         return 0
     params = _sections(args)
-    ingest, splits = params["ingest"], params["splits"]
-    fmt = _pick(args.format, ingest.format if args.params else None)
-    root = _pick(args.root, ingest.root if args.params else None)
+    section, splits = params["ingest"], params["splits"]
+    fmt = _pick(args.format, section.format if args.params else None)
+    root = _pick(args.root, section.root if args.params else None)
     if not fmt or not root or not args.out:
         raise ConfigError("qfm ingest needs --format, --root and --out, or --params with an ingest section "
                           "(see `qfm ingest --help`)")
@@ -65,51 +65,33 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
         root, fetched = fetch_folder(root, _storage(args), what="--root", progress=not args.quiet)
         print(f"fetched {fetched.summary()}")
-    options = dict(ingest.options) | dict(_parse_option(o) for o in args.option)
-    try:
-        raw = read_dataset(fmt, root, **options)
-    except TypeError as exc:  # an option the adapter does not take
-        raise ConfigError(f"format '{fmt}' does not take that option: {exc}") from exc
     protocol = SplitProtocol(n_splits=_pick(args.n_splits, splits.n_splits),
                              test_fraction=_pick(args.test_fraction, splits.test_fraction),
                              val_fraction=_pick(args.val_fraction, splits.val_fraction),
                              seed=_pick(args.split_seed, splits.seed))
-    skip = args.skip_invalid or ingest.skip_invalid
-    logged = {"ingest.format": fmt, "ingest.root": str(root), "ingest.options": options, "ingest.skip_invalid": skip}
-    with step_run("ingest", params["tracking"], params=logged | flat_params("splits", protocol), data_root=root) as run:
-        manifest = build_manifest(raw, protocol, skip_invalid=skip, progress=not args.quiet)
-        path = write_manifest(manifest, args.out)
-        run.log_metrics({"n_images": manifest.meta["n_images"], "n_skipped": manifest.meta["n_skipped"]})
-        run.log_artifacts([Path(args.out) / "ingest_report.json"])
+    manifest = ingest(fmt, root, args.out, protocol,
+                      options=dict(section.options) | dict(_parse_option(o) for o in args.option),
+                      skip_invalid=args.skip_invalid or section.skip_invalid, tracking=params["tracking"],
+                      progress=not args.quiet)
     meta = manifest.meta
-    print(f"ingested {meta['n_images']} images of '{meta['dataset']}' into {path} "
+    print(f"ingested {meta['n_images']} images of '{meta['dataset']}' into {Path(args.out) / 'manifest.parquet'} "
           f"({len(manifest.split_columns)} splits, {time.perf_counter() - started:.1f} s)")
     if meta["n_skipped"]:
         print(f"skipped {meta['n_skipped']} rows on request (skip_invalid); the list and reasons are in "
-              f"{Path(args.out) / 'ingest_report.json'}")
+              f"{Path(args.out) / REPORT_FILE}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qfm.data.manifest import read_manifest
-    from qfm.data.validate import raise_if_failed, validate_manifest
-    from qfm.tracking import step_run
+    from qfm.steps.validate import validate
 
     params = _sections(args)
     limits = params["validate"]
-    manifest = read_manifest(args.manifest)
     report_dir = Path(args.report) if args.report else Path(args.manifest if Path(args.manifest).is_dir()
                                                              else Path(args.manifest).parent)
-    sizes = {"validate.min_width": _pick(args.min_width, limits.min_width),
-             "validate.min_height": _pick(args.min_height, limits.min_height)}
-    with step_run("validate", params["tracking"], params={k: str(v) for k, v in sizes.items()},
-                  inputs={"manifest": args.manifest}, manifest_dir=args.manifest) as run:
-        result = validate_manifest(manifest, min_width=sizes["validate.min_width"],
-                                   min_height=sizes["validate.min_height"], report_dir=report_dir,
-                                   progress=not args.quiet)
-        run.log_metrics({"success": float(result.success)} | {f"checks_{k}": v for k, v in result.counts.items()})
-        run.log_artifacts([report_dir / "validation.json", report_dir / "validation.html"])
-        raise_if_failed(result, report_dir)
+    limits = replace(limits, min_width=_pick(args.min_width, limits.min_width),
+                     min_height=_pick(args.min_height, limits.min_height))
+    result = validate(args.manifest, report_dir, limits, tracking=params["tracking"], progress=not args.quiet)
     print(result.summary())
     print(f"report: {report_dir / 'validation.html'} (and validation.json)")
     return 0
