@@ -72,8 +72,10 @@ def stop(proc: subprocess.Popen) -> None:
 def mlflow_server(tmp_root: Path, wait: bool = True) -> str:
     """A real tracking server (SQLite backend, proxied artifacts) for the whole session; returns its URL.
     wait=False only starts it (it takes seconds to come up: callers overlap that with other work)."""
-    if "server" not in _SHARED:
-        folder = tmp_root / "mlflow-server"
+    if "server" not in _SHARED or _SHARED["server"][0].poll() is not None:  # none yet, or stopped by a module
+        _SHARED.pop("registered", None)  # registrations lived in the stopped server's store
+        _SHARED["servers_started"] = _SHARED.get("servers_started", 0) + 1
+        folder = tmp_root / f"mlflow-server-{_SHARED['servers_started']}"  # a fresh store: no state carried over
         folder.mkdir(parents=True, exist_ok=True)
         port = free_port()
         proc = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
@@ -89,7 +91,7 @@ def mlflow_server(tmp_root: Path, wait: bool = True) -> str:
 
 def stop_server() -> None:
     if "server" in _SHARED:
-        stop(_SHARED["server"][0])
+        stop(_SHARED.pop("server")[0])
 
 
 @contextmanager
