@@ -178,8 +178,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from qfm.steps.promote import promote
 
     params = _sections(args)
