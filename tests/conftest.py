@@ -12,6 +12,19 @@ from qfm.data.manifest import build_manifest, write_manifest
 from qfm.data.splits import SplitProtocol
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module: on a busy 2-core machine, two spinning OpenMP threads made a
+    4-crop forward take 2.5 s instead of 0.02 s and a 1 s epoch take 20-40 s (measured); no result
+    depends on the thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """A 6-reference demo (2 levels, 128 px) ingested with 2 splits; returns the manifest folder."""

@@ -32,16 +32,7 @@ def out(cls, path: Path):
     return cls(name=path.name, uri=str(path))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on this shared 2-core box, two spinning OpenMP threads under load made a 1 s epoch
-    take 20-40 s (measured); the numbers do not depend on it."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 import time
 import warnings
@@ -15,6 +16,7 @@ import torchvision
 from PIL import Image
 from skimage import data as skdata
 
+from qfm.data.torch_dataset import CropConfig, ImageListDataset, collate_crops
 from qfm.errors import ConfigError
 from qfm.models import create_model, list_models, packaged_weights, register_model
 from qfm.models.weights import load_backbone_state, read_state_dict
@@ -36,6 +38,9 @@ def to_batch(images: list[np.ndarray], mean, std, size: int = 224) -> torch.Tens
         x = torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.float32) / 255)
         out.append((x.permute(2, 0, 1) - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])
     return torch.stack(out)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +157,61 @@ def test_checkpoint_round_trip_and_mismatch_names_tensors(mobilenet, photos, tmp
     assert not [w for w in record if "random init" in str(w.message)]
     with pytest.raises(ConfigError, match=r"proj\.weight: checkpoint \(256, 1280\) vs model \(128, 1280\)"):
         create_model("qfm_mobilenetv2", d=128, weights=whole)
+
+
+@pytest.fixture(scope="module")
+def crop_pair(tmp_path_factory):
+    """The same test-grid crops of two real photos, as the loader gives them: uint8 and float32 (112 px
+    crops: the model takes any size, and the test stays fast)."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for name, array in (("chelsea.png", skdata.chelsea()), ("astronaut.png", skdata.astronaut())):
+        Image.fromarray(array).save(folder / name)
+        paths.append(folder / name)
+
+    def batch(dtype: str) -> torch.Tensor:
+        dataset = ImageListDataset(paths, CropConfig(crop_size=112, test_grid=(1, 2), dtype=dtype))
+        return collate_crops([dataset[i] for i in range(len(dataset))])["image"]
+
+    return batch("uint8"), batch("float32")
+
+
+@needs_packaged
+def test_uint8_batch_is_normalised_by_the_model_and_scores_like_the_float_batch(mobilenet, crop_pair):
+    uint8, float32 = crop_pair
+    assert uint8.dtype == torch.uint8 and uint8.is_contiguous(memory_format=torch.channels_last)
+    prepared = mobilenet.prepare(uint8)
+    assert prepared.dtype == torch.float32 and prepared.is_contiguous()  # laid out as the CPU model's weights
+    assert torch.allclose(prepared, float32, rtol=0, atol=1e-6)
+    assert mobilenet.prepare(float32) is float32  # float input: taken as already normalised, untouched
+    with torch.no_grad():
+        scores = mobilenet(uint8)
+        assert scores.shape == (4,) and scores.std() > 0
+        assert torch.allclose(scores, mobilenet(float32), rtol=0, atol=1e-5)
+        assert torch.allclose(mobilenet.embed(uint8), mobilenet.embed(float32), rtol=0, atol=1e-5)
+        # a channels_last model (the GPU recipe) gets channels_last input and the same scores
+        cl_model = copy.deepcopy(mobilenet).to(memory_format=torch.channels_last)
+        assert cl_model.input_memory_format() == torch.channels_last
+        assert cl_model.prepare(uint8).is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(cl_model(uint8), scores, rtol=0, atol=1e-5)
+    assert "pixel_scale" not in mobilenet.state_dict()  # derived from the data config, not saved
+    with pytest.raises(ConfigError, match="dtype torch.int64"):
+        mobilenet(uint8.long())
+
+
+@needs_packaged
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_uint8_batch_is_normalised_on_the_gpu(mobilenet, crop_pair):
+    uint8, float32 = crop_pair
+    gpu = copy.deepcopy(mobilenet).cuda().to(memory_format=torch.channels_last)
+    prepared = gpu.prepare(uint8.cuda())
+    assert prepared.is_cuda and prepared.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(prepared.cpu(), float32, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(gpu(uint8).cpu(), gpu(float32.cuda()).cpu(), rtol=0, atol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            amp_u8, amp_f32 = gpu(uint8.cuda()).float().cpu(), gpu(float32.cuda()).float().cpu()
+        assert torch.allclose(amp_u8, amp_f32, rtol=0, atol=1e-5)
 
 
 def test_other_architecture_checkpoint_is_refused_naming_tensors(tmp_path):

@@ -1,6 +1,9 @@
-"""The torch datasets: crops, determinism, decode-once, resize policy, workers, errors."""
+"""The torch datasets: crops, determinism, decode-once, resize policy, workers, errors, uint8 channels-last
+crops (the default) against float32 crops normalised in the loader."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -22,6 +25,7 @@ from qfm.data.torch_dataset import (
     per_image,
 )
 from qfm.errors import ConfigError, DataError
+from qfm.models import normalise_uint8, pixel_affine
 
 W, H, S = 300, 260, 224
 N_IMAGES = 10
@@ -34,8 +38,15 @@ def coordinate_image(width: int, height: int, tag: int) -> np.ndarray:
     return np.stack([x % 256, y % 256, tag + 64 * (x >= 256) + 128 * (y >= 256)], axis=-1).astype(np.uint8)
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    """Memory (N, S, S, 3) behind a (N, 3, S, S) tensor (and not also plain contiguous)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def to_pixels(crops: torch.Tensor) -> np.ndarray:
-    """Undo the normalisation: (K, 3, S, S) float -> (K, S, S, 3) uint8."""
+    """(K, 3, S, S) crops -> (K, S, S, 3) uint8: uint8 crops as they are, float ones de-normalised."""
+    if crops.dtype == torch.uint8:
+        return crops.permute(0, 2, 3, 1).numpy()
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((crops * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -90,7 +101,8 @@ def test_item_shapes_dtypes_and_scores(manifest):
     parts = manifest.frame["split_0"]
     assert len(train) == (parts == "train").sum() and len(test) == (parts == "test").sum()
     item = train[0]
-    assert item["image"].shape == (4, 3, S, S) and item["image"].dtype == torch.float32
+    assert item["image"].shape == (4, 3, S, S) and item["image"].dtype == torch.uint8
+    assert channels_last(item["image"]) and item["image"].permute(0, 2, 3, 1).is_contiguous()
     assert item["mos"].dtype == torch.float32 and item["mos"].ndim == 0
     row = manifest.frame.iloc[train.row_positions[0]]
     assert item["image_id"] == row["image_id"] and item["index"] == 0
@@ -178,6 +190,9 @@ def test_resize_to_fixed_size_512x384(tmp_path):
     resized = np.array(Image.fromarray(gradient).resize((512, 384), Image.Resampling.BILINEAR))
     assert np.abs(crops[3].astype(int) - resized[160:, 288:].astype(int)).max() <= 1
     assert tuple(crops[0][0, 0, :2]) == (0, 0) and tuple(crops[3][-1, -1, :2]) == (255, 255)
+    float_crops = to_pixels(ImageListDataset([path], CropConfig(resize=(512, 384), test_grid=(2, 2),
+                                                                dtype="float32"))[0]["image"])
+    assert np.array_equal(float_crops, crops)
     assert CropConfig(resize="512x384").resize == (512, 384)
     assert CropConfig(resize=[512, 384]).resize == (512, 384)
     assert CropConfig(resize="short_side=300").resized_size(W, H) == (346, 300)
@@ -198,10 +213,12 @@ def test_images_smaller_than_the_crop_are_scaled_up(tmp_path):
 def test_normalisation_uses_mean_and_std(tmp_path):
     path = tmp_path / "grey.png"
     Image.fromarray(np.full((S, S, 3), 128, dtype=np.uint8)).save(path)
-    crops = ImageListDataset([path], CropConfig(test_grid=1))[0]["image"]
+    crops = ImageListDataset([path], CropConfig(test_grid=1, dtype="float32"))[0]["image"]
+    assert crops.dtype == torch.float32 and crops.is_contiguous()
     expected = [(128 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
     assert crops[0, :, 5, 5].tolist() == pytest.approx(expected, abs=1e-5)
-    own = ImageListDataset([path], CropConfig(test_grid=1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    own = ImageListDataset([path], CropConfig(test_grid=1, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                                              dtype="float32"))
     assert own[0]["image"][0, :, 0, 0].tolist() == pytest.approx([128 / 255 * 2 - 1] * 3, abs=1e-5)
     model_config = {"input_size": (3, 256, 256), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
     from_model = CropConfig.from_data_config(model_config, n_crops=2)
@@ -217,6 +234,8 @@ def test_loader_with_two_workers_matches_in_process_loading(manifest):
     for one, two in zip(serial, parallel):
         assert torch.equal(one["image"], two["image"]) and torch.equal(one["crop_index"], two["crop_index"])
     assert serial[0]["image"].shape == (4 * 9, 3, S, S)
+    assert all(channels_last(b["image"]) and b["image"].dtype == torch.uint8 for b in serial + parallel)
+    assert all(b["image"].is_shared() for b in parallel)  # batched in the workers' shared memory
 
     # set_epoch reaches persistent workers
     train = all_rows(manifest, config=CropConfig(n_crops=2), train=True, seed=3)
@@ -233,7 +252,8 @@ def test_loader_with_two_workers_matches_in_process_loading(manifest):
 def test_collate_flattens_and_per_image_averages_back(manifest):
     dataset = all_rows(manifest, config=CropConfig(n_crops=3), train=True)
     batch = collate_crops([dataset[4], dataset[1]])
-    assert batch["image"].shape == (6, 3, S, S)
+    assert batch["image"].shape == (6, 3, S, S) and channels_last(batch["image"])
+    assert torch.equal(batch["image"][3:], dataset[1]["image"])
     assert batch["crop_index"].tolist() == [4, 4, 4, 1, 1, 1]
     assert batch["index"].tolist() == [4, 1] and batch["n_crops"].tolist() == [3, 3]
     assert batch["mos"].shape == (2,) and batch["image_id"] == [dataset.image_ids[4], dataset.image_ids[1]]
@@ -298,6 +318,7 @@ def test_image_list_unreadable_file_raises_or_is_reported(dataset_dir, tmp_path)
     items = [reported[i] for i in range(3)]
     assert items[0]["error"] is None and items[0]["image"].shape == (9, 3, S, S)
     assert "bad.jpg" in items[1]["error"] and items[1]["image"].shape == (0, 3, S, S)
+    assert items[1]["image"].dtype == torch.uint8  # same dtype as a good item: the batch is not mixed
     assert "missing.png" in items[2]["error"]
     batches = list(make_loader(reported, batch_size=3, workers=0))
     assert batches[0]["image"].shape[0] == 9 and batches[0]["crop_index"].unique().tolist() == [0]
@@ -309,8 +330,53 @@ def test_image_list_unreadable_file_raises_or_is_reported(dataset_dir, tmp_path)
 @pytest.mark.parametrize("kwargs, name", [
     ({"crop_size": 0}, "crop_size"), ({"n_crops": 2.5}, "n_crops"), ({"test_grid": "3by3"}, "test_grid"),
     ({"resize": "short_side=abc"}, "resize"), ({"resize": (512,)}, "resize"), ({"std": (1, 0, 1)}, "std"),
-    ({"mean": (0.5, 0.5)}, "mean"),
+    ({"mean": (0.5, 0.5)}, "mean"), ({"dtype": "float16"}, "dtype"),
 ])
 def test_bad_crop_config_names_the_parameter(kwargs, name):
     with pytest.raises(ConfigError, match=name):
         CropConfig(**kwargs)
+
+
+def both_dtypes(manifest, **kw) -> tuple[ManifestCropDataset, ManifestCropDataset]:
+    config = kw.pop("config")
+    return (all_rows(manifest, config=config, **kw),
+            all_rows(manifest, config=replace(config, dtype="float32"), **kw))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_crops_equal_the_float_crops_after_normalisation(manifest, train):
+    uint8, float32 = both_dtypes(manifest, config=CropConfig(n_crops=4, test_grid=(2, 2)), train=train, seed=5)
+    uint8.set_epoch(2)
+    float32.set_epoch(2)
+    scale, shift = pixel_affine(IMAGENET_MEAN, IMAGENET_STD)
+    for index in (0, 3, N_IMAGES):  # N_IMAGES: the JPEG
+        raw, ref = uint8[index]["image"], float32[index]["image"]
+        assert raw.dtype == torch.uint8 and channels_last(raw) and ref.dtype == torch.float32
+        normalised = normalise_uint8(raw, scale, shift)
+        assert normalised.is_contiguous() and normalised.dtype == torch.float32
+        in_channels_last = normalise_uint8(raw, scale, shift, torch.channels_last)  # the GPU model's layout
+        assert channels_last(in_channels_last) and torch.equal(in_channels_last, normalised)
+        assert torch.allclose(normalised, ref, rtol=0, atol=1e-6)
+        assert np.array_equal(to_pixels(raw), to_pixels(ref))  # the same windows and flips
+
+
+def test_uint8_crops_are_the_same_per_seed_and_differ_across_seeds(manifest):
+    a, b = (all_rows(manifest, config=CropConfig(n_crops=4), train=True, seed=7) for _ in range(2))
+    other = all_rows(manifest, config=CropConfig(n_crops=4), train=True, seed=8)
+    assert torch.equal(a[5]["image"], b[5]["image"]) and not torch.equal(a[5]["image"], other[5]["image"])
+    pixels = png_pixels(a, 5)
+    assert all(window_of(c, pixels) for c in to_pixels(a[5]["image"]))
+
+
+def test_float32_batches_stay_contiguous_and_workers_agree(manifest):
+    _, float32 = both_dtypes(manifest, config=CropConfig(test_grid=(1, 2)))
+    serial = next(iter(make_loader(float32, batch_size=3, workers=0)))["image"]
+    parallel = next(iter(make_loader(float32, batch_size=3, workers=2)))["image"]
+    assert serial.dtype == torch.float32 and serial.is_contiguous() and parallel.is_contiguous()
+    assert torch.equal(serial, parallel)
+
+
+def test_a_batch_mixing_uint8_and_float_crops_is_refused(manifest):
+    uint8, float32 = both_dtypes(manifest, config=CropConfig(test_grid=1))
+    with pytest.raises(ConfigError, match="mixing crop dtypes.*CropConfig.dtype"):
+        collate_crops([uint8[0], float32[1]])

@@ -4,6 +4,7 @@ refused corrupt checkpoints, NaN stops, the pair-aware sampler and the empty-pai
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ import torch
 
 from qfm.config import BankParams, PseudoLabelParams, RunParams, StudentParams, TrainParams
 from qfm.data.manifest import read_manifest
-from qfm.data.torch_dataset import ManifestCropDataset
+from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
 from qfm.errors import ConfigError, DataError
 from qfm.losses import NonFiniteLossError
 from qfm.steps.bank import build_bank
@@ -21,13 +22,17 @@ from qfm.steps.pseudo_label import pseudo_label
 from qfm.steps.student import train_student
 from qfm.steps.teacher import train_teacher
 from qfm.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
-from qfm.train.fit import build_model, crop_config, fit
+from qfm.train.engine import predict
+from qfm.train.fit import build_model, crop_config, fit, load_trained_model
 from qfm.train.sampler import PairBatches, ShuffledBatches, pairs_in_batch
 from qfm.train.steps import plain_step
 
-TINY = dict(epochs=1, batch_size=4, n_crops=1, crop_size=96, test_grid="1x2", workers=0, warmup_epochs=0.5,
-            lr=5e-4)
+TINY = {"epochs": 1, "batch_size": 4, "n_crops": 1, "crop_size": 96, "test_grid": "1x2", "workers": 0,
+        "warmup_epochs": 0.5, "lr": 5e-4}
 RUN = RunParams(split="split_0", device="cpu")
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +208,46 @@ def test_synthetic_pool_distorts_train_images_only(chain, tiny_demo, tmp_path):
     assert set(table["content_id"]) <= set(train["content_id"])
     assert all((tmp_path / "pool" / p.rsplit("/", 1)[-1]).is_file() for p in table["path"])
     assert table["kept"].sum() == round(0.5 * len(table))
+
+
+def test_training_gets_uint8_channels_last_batches_and_checkpoints_say_so(tiny_demo, tmp_path):
+    seen = []
+
+    def recording_step(model, batch, device):
+        seen.append(batch["image"])
+        return plain_step(model, batch, device)
+
+    _fit(tiny_demo, tmp_path, epochs=1, step=recording_step)
+    assert seen and all(x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
+                        and not x.is_contiguous() for x in seen)
+    crop = load_checkpoint(tmp_path / BEST)["crop"]
+    assert crop["dtype"] == "uint8" and CropConfig(**crop).dtype == "uint8"
+
+
+def test_uint8_and_float32_loaders_give_the_same_predictions(chain, tiny_demo):
+    model, state = load_trained_model(chain["out"] / "student" / BEST)
+    manifest = read_manifest(tiny_demo)
+    config = CropConfig(**state["crop"])
+    assert config.dtype == "uint8" and (config.mean, config.std) == (model.mean, model.std)
+    scores = {}
+    for dtype in ("uint8", "float32"):
+        dataset = ManifestCropDataset(manifest, "split_0", "test", replace(config, dtype=dtype))
+        index, scores[dtype], _ = predict(model, make_loader(dataset, 4), torch.device("cpu"), progress=False)
+        assert index.tolist() == list(range(len(dataset)))
+    assert np.allclose(scores["uint8"], scores["float32"], rtol=0, atol=1e-5)
+
+
+def test_crop_normalisation_must_match_the_model(chain, tiny_demo, tmp_path):
+    params = TrainParams(**TINY)
+    model = build_model(params)
+    wrong = replace(crop_config(params, model), mean=(0.5, 0.5, 0.5))
+    manifest = read_manifest(tiny_demo)
+    train = ManifestCropDataset(manifest, "split_0", "train", wrong, train=True)
+    val = ManifestCropDataset(manifest, "split_0", "val", crop_config(params, model))
+    with pytest.raises(ConfigError, match=r"training dataset: crop mean \(0.5, 0.5, 0.5\) differs from the model"):
+        fit(model, train, val, plain_step, params, tmp_path / "fit", device="cpu", progress=False)
+    state = load_checkpoint(chain["out"] / "teacher" / BEST)
+    state["crop"]["std"] = [0.5, 0.5, 0.5]
+    bad = save_checkpoint(state, tmp_path / BEST)
+    with pytest.raises(ConfigError, match=r"best.pt: crop std .* differs from the model's std"):
+        load_trained_model(bad)

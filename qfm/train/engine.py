@@ -140,7 +140,8 @@ def embed(model: nn.Module, loader: DataLoader, device: torch.device, *, amp: bo
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move a crop batch to the device (channels_last on GPU, as the recipe asks)."""
+    """Move a crop batch to the device (channels_last on GPU, as the recipe asks), keeping its dtype:
+    uint8 crops (already channels-last, 1 byte a value) are normalised by the model on the device."""
     if device.type == "cuda":
         return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     return images.to(device)

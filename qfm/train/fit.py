@@ -4,6 +4,7 @@ each epoch (model, optimiser, scheduler, RNG states, epoch, history) and exact r
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from qfm.config import TrainParams
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
+from qfm.errors import ConfigError
 from qfm.eval.metrics import compute_metrics
 from qfm.faults import pause_point
 from qfm.models import create_model
@@ -51,9 +53,21 @@ def build_model(params: TrainParams):
 
 
 def crop_config(params: TrainParams, model: nn.Module) -> CropConfig:
-    """Crops from params, normalisation from the model's own weights config."""
+    """Crops from params (uint8, normalised by the model), mean/std from the model's own weights config."""
     return CropConfig(crop_size=params.crop_size, n_crops=params.n_crops, test_grid=params.test_grid,
                       resize=params.resize, mean=model.mean, std=model.std)
+
+
+def check_normalisation(crop: CropConfig | dict, model: nn.Module, what: str) -> None:
+    """The model's mean/std (its data config) are the one source: a crop config whose mean/std differ is a
+    ConfigError, whatever its dtype (float32 crops would be normalised wrongly; a uint8 config that
+    disagrees would do so the day someone switched it to float32)."""
+    mean, std = (crop["mean"], crop["std"]) if isinstance(crop, dict) else (crop.mean, crop.std)
+    for name, ours, theirs in (("mean", mean, model.mean), ("std", std, model.std)):
+        if not all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(ours, theirs, strict=True)):
+            raise ConfigError(f"{what}: crop {name} {tuple(ours)} differs from the model's {name} "
+                              f"{tuple(theirs)}; build the crops with CropConfig.from_data_config(model.data_config) "
+                              "or qfm.train.fit.crop_config")
 
 
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -65,6 +79,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
         warnings.simplefilter("ignore")  # the random init is overwritten by the saved weights at once
         model = create_model(name, **config, pretrained=False, allow_random_init=True)
     model.load_state_dict(state["model"])
+    check_normalisation(state["crop"], model, f"checkpoint {path}")
     return model.to(device).eval(), state
 
 
@@ -86,6 +101,8 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_normalisation(train_set.config, model, "the training dataset")
+    check_normalisation(val_set.config, model, "the validation dataset")
     device = resolve_device(device)
     seed_everything(params.seed)
     model.to(device)
