@@ -31,7 +31,9 @@ def pause_point(name: str) -> None:
     if _reached[name] != int(nth or 1):
         return
     marker = os.environ.get(PAUSE_MARKER)
-    if marker:
-        Path(marker).write_text(f"{os.getpid()} {name}\n")
+    if marker:  # written whole, then renamed: a watcher never sees the marker half-written
+        partial = Path(f"{marker}.partial")
+        partial.write_text(f"{os.getpid()} {name}\n")
+        partial.replace(marker)
     while True:
         time.sleep(60)

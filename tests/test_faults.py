@@ -17,15 +17,16 @@ import pytest
 import torch
 
 from qfm.cli import main
+from qfm.data.manifest import read_manifest
 from qfm.errors import DataError
 from qfm.faults import PAUSE_AT, PAUSE_MARKER
 from qfm.storage.s3 import download_prefix, file_digests, head_object, make_client
 from qfm.train.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 
 EPOCHS = 3
-STEPS_PER_EPOCH = 9     # the tiny demo's 38 training images in batches of 4 (last partial batch dropped)
+BATCH = 4
 TINY = ["--set", "run.device=cpu", "--quiet"] + [
-    arg for item in (f"epochs={EPOCHS}", "batch_size=4", "n_crops=1", "crop_size=96", "test_grid=1x2", "workers=0",
+    arg for item in (f"epochs={EPOCHS}", f"batch_size={BATCH}", "n_crops=1", "crop_size=96", "test_grid=1x2", "workers=0",
                      "warmup_epochs=0.5", "lr=0.0005")
     for arg in ("--set", f"train_teacher.{item}")]
 
@@ -62,6 +63,12 @@ def _finish(process: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def _steps_per_epoch(manifest_dir: Path) -> int:
+    """Training steps per epoch on split_0: its train images in batches of BATCH, the last partial one dropped."""
+    frame = read_manifest(manifest_dir).frame
+    return int((frame["split_0"] == "train").sum()) // BATCH
+
+
 def _model(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
@@ -75,9 +82,10 @@ def test_training_killed_twice_resumes_from_s3_to_the_uninterrupted_result(tiny_
                       env)
     resumable = ["train-teacher", "--manifest", str(tiny_demo), "--out", uri, "--resume", *TINY]
     marker, node = tmp_path / "paused", tmp_path / "node-cache"
+    steps_per_epoch = _steps_per_epoch(tiny_demo)
 
     # 1: SIGKILL mid-epoch 1 (after epoch 0's checkpoint reached S3).
-    mid_epoch = STEPS_PER_EPOCH + 4
+    mid_epoch = steps_per_epoch + 4
     first = _start([*resumable, "--cache", str(node)], env, f"step:{mid_epoch}", marker)
     assert _kill_when_paused(first, marker) == f"step:{mid_epoch}"
     download_prefix(uri, tmp_path / "after-kill-1", client)
@@ -96,7 +104,7 @@ def test_training_killed_twice_resumes_from_s3_to_the_uninterrupted_result(tiny_
     # 3: a fresh machine (empty cache) resumes from S3 at epoch 2; it must not redo epoch 1 (a pause point
     # at epoch 1's last step would stop it), and ends where the uninterrupted run ended.
     third = _start([*resumable, "--cache", str(tmp_path / "new-node")], env,
-                   f"step:{2 * STEPS_PER_EPOCH - 1}", marker)
+                   f"step:{2 * steps_per_epoch - 1}", marker)
     log = _finish(third)
     assert not marker.exists(), "the resumed run redid an epoch it had a checkpoint for"
     assert "fetched s3://faults/runs/teacher" in log and "uploaded" in log
@@ -107,7 +115,7 @@ def test_training_killed_twice_resumes_from_s3_to_the_uninterrupted_result(tiny_
     a, b = tmp_path / "straight", final
     history_a, history_b = (json.loads((d / "history.json").read_text()) for d in (a, b))
     assert [h["epoch"] for h in history_b] == list(range(EPOCHS))
-    assert [h["steps"] for h in history_a] == [STEPS_PER_EPOCH] * EPOCHS  # the pause points above assume it
+    assert [h["steps"] for h in history_a] == [steps_per_epoch] * EPOCHS  # the pause points above assume it
     for key in ("loss", "val_srcc", "val_plcc_raw", "val_rmse_raw", "lr"):
         assert [h[key] for h in history_a] == [h[key] for h in history_b], key
     summary_a, summary_b = (json.loads((d / "summary.json").read_text()) for d in (a, b))
