@@ -407,10 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo-data", help="make the built-in synthetic demo dataset (no download)",
-        description="Make the demo dataset from the photographs that ship inside scikit-image: each "
-                    "distorted with several types at several levels, scored by a full-reference measure "
-                    "mapped to a 0-100 MOS-like scale (synthetic, not human scores), plus an unlabelled pool "
-                    "for pseudo-labelling. Deterministic for a seed. Ingest it with --format demo.")
+        description="Make the demo dataset from photographs that ship inside installed wheels: each "
+                    "distorted with several types at several levels, scored 0-100 by a simulated opinion "
+                    "(half the level, half SSIM against the reference; synthetic, not human scores), plus an "
+                    "unlabelled pool for pseudo-labelling. Deterministic for a seed. Ingest it with --format demo.")
     demo.add_argument("--out", required=True, help="output folder")
     demo.add_argument("--seed", type=int, help="random seed (default 0)")
     demo.add_argument("--params", metavar="FILE", help="read defaults from this params.yaml (flags override)")

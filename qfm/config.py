@@ -19,10 +19,10 @@ from qfm.errors import ConfigError
 @dataclass(frozen=True)
 class DemoParams:
     seed: int = 0
-    n_references: int = 16              # photographs (2..16); fewer, smaller images make a quick smoke run
+    n_references: int = 19              # 2..19: the 14 natural photographs first, then scientific images and scans
     n_levels: int = 4                   # distortion levels per type
     pool_levels: int = 3                # levels of the unlabelled pool's distortions (0: no pool)
-    image_size: int = 256
+    image_size: int = 384
 
 
 @dataclass(frozen=True)

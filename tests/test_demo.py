@@ -17,7 +17,6 @@ from qfm.data.splits import SplitProtocol, check_disjoint
 from qfm.errors import ConfigError
 
 TINY = {"n_references": 3, "n_levels": 2, "pool_levels": 1, "image_size": 64, "progress": False}
-GRAYSCALE = {"camera", "coins", "moon", "brick", "grass", "gravel", "page", "text"}
 
 
 @pytest.fixture(scope="module")
@@ -33,31 +32,47 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def test_default_layout_and_counts(demo):
     out, summary = demo
-    assert summary.references == REFERENCES and len(REFERENCES) == 16
-    n_colour = len(REFERENCES) - len(GRAYSCALE)
-    assert summary.n_images == n_colour * 5 * 4 + len(GRAYSCALE) * 4 * 4 == 288
-    assert summary.n_pool == len(REFERENCES) * len(POOL_DISTORTIONS) * 3 == 192
+    assert summary.references == REFERENCES and len(REFERENCES) == 19
+    assert summary.n_images == len(REFERENCES) * len(DISTORTIONS) * 4 == 304
+    assert summary.n_pool == len(REFERENCES) * len(POOL_DISTORTIONS) * 3 == 228
     scores = pd.read_csv(out / "scores.csv")
-    assert list(scores.columns) == ["image", "mos", "ref", "distortion", "level"] and len(scores) == 288
+    assert list(scores.columns) == ["image", "mos", "ref", "distortion", "level"] and len(scores) == 304
     assert set(scores["ref"]) == set(REFERENCES) and set(scores["level"]) == {1, 2, 3, 4}
-    assert set(scores.loc[scores["distortion"] == "saturation", "ref"]).isdisjoint(GRAYSCALE)
     pool = pd.read_csv(out / "pool.csv")
-    assert list(pool.columns) == ["image", "content_id"] and len(pool) == 192
+    assert list(pool.columns) == ["image", "content_id"] and len(pool) == 228
     assert set(pool["content_id"]) == set(REFERENCES)
     assert set(pool["image"]).isdisjoint(scores["image"])
     for relative in [*scores["image"], *pool["image"]]:
         with Image.open(out / relative) as img:
-            assert (img.format, img.mode, img.size) == ("PNG", "RGB", (256, 256))
-    assert len(list((out / "refs").glob("*.png"))) == 16
+            assert (img.format, img.mode, img.size) == ("PNG", "RGB", (384, 384))
+    assert sorted(p.stem for p in (out / "refs").glob("*.png")) == sorted(REFERENCES)
+    for name in ("grace_hopper", "china", "flower"):  # matplotlib's and scikit-learn's photographs
+        with Image.open(out / "refs" / f"{name}.png") as img:
+            assert np.asarray(img).std() > 20
     readme = (out / "DEMO.md").read_text()
     assert "synthetic" in readme and "SSIM" in readme and "pool.csv" in readme
 
 
 def test_scores_spread_across_the_range(demo):
     mos = pd.read_csv(demo[0] / "scores.csv")["mos"]
-    assert mos.min() < 10 and mos.max() > 90 and mos.std() > 20
+    assert mos.min() < 20 and mos.max() > 90 and mos.std() > 15
     counts, _ = np.histogram(mos, bins=5, range=(0, 100))
-    assert (counts >= 0.05 * len(mos)).all(), counts
+    assert counts[0] > 0 and (counts[1:] >= 0.1 * len(mos)).all(), counts
+
+
+def test_score_is_half_level_half_ssim(demo):
+    """Each score is 100 * (0.5 * (1 - impairment(level)) + 0.5 * SSIM): recomputed here from the images."""
+    from skimage.color import rgb2gray
+    from skimage.metrics import structural_similarity
+
+    out = demo[0]
+    scores = pd.read_csv(out / "scores.csv").sample(8, random_state=0)
+    for row in scores.itertuples():
+        with Image.open(out / "refs" / f"{row.ref}.png") as ref, Image.open(out / row.image) as img:
+            ssim = structural_similarity(rgb2gray(np.asarray(ref)), rgb2gray(np.asarray(img)), data_range=1.0,
+                                         gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        level_part = 1 - (0.1 + 0.7 * (row.level - 1) / 3)
+        assert row.mos == pytest.approx(100 * (0.5 * level_part + 0.5 * max(ssim, 0.0)), abs=2e-3), row
 
 
 def test_scores_fall_strictly_with_level_within_each_reference_and_type(demo):
@@ -98,7 +113,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_other_noise(tmp_path):
                            (("a", 1), ("b", 1), ("c", 2)))
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert a == b and dataclasses.replace(first, out_dir=again.out_dir) == again
-    assert len(a) == 3 * 5 * 2 + 3 * 4 * 1 + 3 + 3  # scored, pool, references, two CSVs and DEMO.md
+    assert len(a) == 3 * 4 * 2 + 3 * 4 * 1 + 3 + 3  # scored, pool, references, two CSVs and DEMO.md
     assert set(a) == set(c)
     changed = {name for name in a if a[name] != c[name]}
     noisy = {n for n in a if "_noise_" in n or "_saltpepper_" in n}
@@ -126,7 +141,7 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
 
 
 @pytest.mark.parametrize(("option", "value"), [
-    ("n_references", 1), ("n_references", 17), ("n_levels", 1), ("n_levels", 9), ("pool_levels", -1),
+    ("n_references", 1), ("n_references", 20), ("n_levels", 1), ("n_levels", 9), ("pool_levels", -1),
     ("image_size", 16), ("distortions", ("blur", "fog")), ("distortions", ("blur", "blur")), ("seed", -1),
 ])
 def test_bad_counts_name_the_parameter(tmp_path, option, value):

@@ -27,7 +27,7 @@ from qfm.registry.gate import decide
 BIN = Path(sys.executable).parent
 MODEL = "qfm-iqm-test"
 RUN = RunParams(device="cpu")
-TINY_STUDENT = StudentParams(epochs=1, batch_size=4, n_crops=1, crop_size=96, test_grid="1x2", workers=0, qcc=False,
+TINY_STUDENT = StudentParams(epochs=2, batch_size=4, n_crops=2, crop_size=96, test_grid="1x2", workers=0, qcc=False,
                              use_pseudo_labels=False)
 _SHARED: dict = {}  # session objects shared by the test modules that import these helpers
 

@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """A small demo dataset of real (scikit-image) photographs: 58 scored images, 24 pool images, CSVs."""
+    """A small demo dataset of real photographs: 6 x 4 distortions x 2 levels = 48 scored images, 24 pool images, CSVs."""
     root = tmp_path_factory.mktemp("s3-demo") / "demo"
     make_demo(root, seed=0, n_references=6, n_levels=2, pool_levels=1, image_size=128, progress=False)
     return root
@@ -109,11 +109,11 @@ def test_cli_ingests_from_s3_and_uploads_its_outputs(demo, bucket, s3_env, tmp_p
     first = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | s3_env, cwd=tmp_path, timeout=120)
     assert first.returncode == 0, first.stderr
     assert f"fetched s3://{bucket}/datasets/demo: {n} files, {n} transferred" in first.stdout
-    assert "ingested 58 images of 'demo'" in first.stdout
+    assert "ingested 48 images of 'demo'" in first.stdout
     assert f"-> s3://{bucket}/runs/ingest: 2 files, 2 transferred" in first.stdout
     download_prefix(f"s3://{bucket}/runs/ingest", tmp_path / "out", make_client())
     manifest = read_manifest(tmp_path / "out", root=tmp_path / "cache" / bucket / "datasets" / "demo")
-    assert len(manifest.frame) == 58 and manifest.split_columns == ["split_0", "split_1"]
+    assert len(manifest.frame) == 48 and manifest.split_columns == ["split_0", "split_1"]
     assert all(manifest.image_path(p).is_file() for p in manifest.frame["path"])
     again = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ | s3_env, cwd=tmp_path, timeout=120)
     assert again.returncode == 0, again.stderr

@@ -1,7 +1,8 @@
-"""The built-in demo dataset: photographs shipped inside scikit-image, distorted and scored on the fly.
+"""The built-in demo dataset: photographs shipped inside installed wheels, distorted and scored on the fly.
 
-Synthetic, not human: every distorted image is scored by a full-reference measure against its reference,
-MOS = 100 * SSIM(luma) * exp(-mean CIE76 colour difference / 30), so structure and colour both count. Layout:
+Synthetic, not human: a simulated opinion score, half from the distortion's level (each type's strengths
+span just-visible to severe) and half from SSIM against the reference (how visible it is on this content):
+MOS = 100 * (0.5 * (1 - impairment(level)) + 0.5 * SSIM(luma)). Layout:
 
   out_dir/images/<ref>_<distortion>_<level>.png   scored images (scores.csv: image, mos, ref, distortion, level)
   out_dir/pool/<ref>_<distortion>_<level>.png     unlabelled pool for DLE (pool.csv: image, content_id)
@@ -16,13 +17,12 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image
 from tqdm.auto import tqdm
 
 from qfm.errors import ConfigError
@@ -32,14 +32,17 @@ POOL_FILE = "pool.csv"
 README_FILE = "DEMO.md"
 IMAGES_DIR, POOL_DIR, REFS_DIR = "images", "pool", "refs"
 MOS_MIN, MOS_MAX = 0.0, 100.0
-COLOUR_SCALE = 30.0  # mean CIE76 colour difference at which the colour factor is 1/e
-SCORE_DESCRIPTION = ("synthetic full-reference score, not human opinion: "
-                     "MOS = 100 * SSIM(luma) * exp(-mean CIE76 delta E / 30) against the reference")
+LEVEL_WEIGHT = 0.5  # share of the score set by the level; the rest is SSIM against the reference
+IMPAIRMENT_RANGE = (0.1, 0.8)  # impairment of the mildest and of the strongest level
+SCORE_DESCRIPTION = ("synthetic simulated opinion, not human: MOS = 100 * (0.5 * (1 - impairment) + 0.5 * SSIM(luma) "
+                     "against the reference), impairment rising linearly with the level from 0.1 to 0.8")
 
-# Real photographs that ship inside the scikit-image wheel (no download), natural scenes first. Colour
-# ones first within each group, so small n_references still get every distortion type.
-REFERENCES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "camera", "coins", "moon",
-              "immunohistochemistry", "brick", "grass", "gravel", "retina", "hubble_deep_field", "page", "text")
+# Real images that ship inside installed wheels (no download): scikit-image's, matplotlib's grace_hopper
+# and scikit-learn's two sample photographs. PHOTOGRAPHS, natural scenes as in LIVE, CSIQ or KADID-10k,
+# come first, so a small n_references takes those; the scientific images and document scans follow.
+PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "grace_hopper", "china", "flower",
+               "camera", "coins", "moon", "brick", "grass", "gravel")
+REFERENCES = (*PHOTOGRAPHS, "immunohistochemistry", "retina", "hubble_deep_field", "page", "text")
 
 ArrayFn = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
 
@@ -90,10 +93,6 @@ def _contrast(img: np.ndarray, factor: float, rng: np.random.Generator) -> np.nd
     return _to_uint8((img - mean) * factor + mean)
 
 
-def _saturation(img: np.ndarray, factor: float, rng: np.random.Generator) -> np.ndarray:
-    return np.asarray(ImageEnhance.Color(Image.fromarray(img)).enhance(factor))
-
-
 def _pixelate(img: np.ndarray, block: float, rng: np.random.Generator) -> np.ndarray:
     size = img.shape[1], img.shape[0]
     small = Image.fromarray(img).resize((max(1, round(size[0] / block)), max(1, round(size[1] / block))),
@@ -124,7 +123,6 @@ DISTORTIONS = {d.name: d for d in (
     Distortion("noise", _noise, 4.0, 40.0, "Gaussian noise sigma (of 255)"),
     Distortion("jpeg", _jpeg, 40.0, 5.0, "JPEG quality"),
     Distortion("contrast", _contrast, 0.7, 0.15, "contrast factor about the mean"),
-    Distortion("saturation", _saturation, 0.6, 0.0, "colour saturation factor", geometric=False),
 )}
 POOL_DISTORTIONS = {d.name: d for d in (
     Distortion("pixelate", _pixelate, 2.0, 8.0, "block size (px)"),
@@ -155,13 +153,27 @@ class DemoSummary:
                 f"MOS {self.mos_min:.1f}-{self.mos_max:.1f}, seed {self.seed}")
 
 
-def load_reference(name: str, size: int = 256) -> np.ndarray:
-    """A scikit-image photograph, centre-cropped to a square and resized to size x size RGB uint8."""
+def _read_packaged(name: str) -> np.ndarray:
+    """The image as an array, from the wheel that ships it."""
+    if name == "grace_hopper":
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as file, Image.open(file) as image:
+            return np.asarray(image.convert("RGB"))
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{name}.jpg")
     from skimage import data
 
+    return data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+
+
+def load_reference(name: str, size: int = 384) -> np.ndarray:
+    """A packaged photograph, centre-cropped to a square and resized to size x size RGB uint8."""
     if name not in REFERENCES:
         raise ConfigError(f"unknown demo reference '{name}'; known: {', '.join(REFERENCES)}")
-    image = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    image = _read_packaged(name)
     if image.ndim == 2:
         image = np.stack([image] * 3, axis=-1)
     height, width = image.shape[:2]
@@ -171,22 +183,28 @@ def load_reference(name: str, size: int = 256) -> np.ndarray:
     return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS))
 
 
+def impairment(level: int, n_levels: int) -> float:
+    """The level's share of the score: IMPAIRMENT_RANGE spread linearly over levels 1..n_levels."""
+    low, high = IMPAIRMENT_RANGE
+    return low + (high - low) * (level - 1) / (n_levels - 1)
+
+
 class _Scorer:
-    """The synthetic MOS of images against one reference (its luma and Lab computed once)."""
+    """The simulated MOS of distorted images of one reference (its luma computed once)."""
 
-    def __init__(self, reference: np.ndarray) -> None:
-        from skimage.color import rgb2gray, rgb2lab
+    def __init__(self, reference: np.ndarray, n_levels: int) -> None:
+        from skimage.color import rgb2gray
 
-        self._gray, self._lab = rgb2gray(reference), rgb2lab(reference)
+        self._gray, self._n_levels = rgb2gray(reference), n_levels
 
-    def __call__(self, image: np.ndarray) -> float:
-        from skimage.color import deltaE_cie76, rgb2gray, rgb2lab
+    def __call__(self, image: np.ndarray, level: int) -> float:
+        from skimage.color import rgb2gray
         from skimage.metrics import structural_similarity
 
         ssim = structural_similarity(self._gray, rgb2gray(image), data_range=1.0, gaussian_weights=True,
                                      sigma=1.5, use_sample_covariance=False)
-        delta_e = float(deltaE_cie76(self._lab, rgb2lab(image)).mean())
-        return round(MOS_MAX * max(0.0, float(ssim)) * math.exp(-delta_e / COLOUR_SCALE), 3)
+        opinion = 1.0 - impairment(level, self._n_levels)
+        return round(MOS_MAX * (LEVEL_WEIGHT * opinion + (1.0 - LEVEL_WEIGHT) * max(0.0, float(ssim))), 3)
 
 
 def _save_png(img: np.ndarray, path: Path) -> None:
@@ -200,8 +218,9 @@ def _save_png(img: np.ndarray, path: Path) -> None:
 def _check_counts(n_references: int, n_levels: int, pool_levels: int, image_size: int,
                   distortions: Sequence[str]) -> None:
     if not 2 <= n_references <= len(REFERENCES):
-        raise ConfigError(f"demo n_references must be 2..{len(REFERENCES)} (the photographs scikit-image "
-                          f"ships), got {n_references}")
+        raise ConfigError(f"demo n_references must be 2..{len(REFERENCES)} (the packaged images: the first "
+                          f"{len(PHOTOGRAPHS)} are natural photographs, the rest scientific images and scans), "
+                          f"got {n_references}")
     if not 2 <= n_levels <= MAX_LEVELS:
         raise ConfigError(f"demo n_levels must be 2..{MAX_LEVELS}, got {n_levels}")
     if not 0 <= pool_levels <= MAX_LEVELS:
@@ -244,12 +263,11 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def make_demo(out_dir: Path, seed: int = 0, n_references: int = len(REFERENCES), n_levels: int = 4,
-              pool_levels: int = 3, image_size: int = 256, distortions: Sequence[str] = tuple(DISTORTIONS),
+              pool_levels: int = 3, image_size: int = 384, distortions: Sequence[str] = tuple(DISTORTIONS),
               progress: bool = True) -> DemoSummary:
     """Write the demo dataset (scored images, unlabelled pool, references, DEMO.md) into out_dir.
 
-    Scored: each reference x distortion x level (saturation is left out for grayscale references, where
-    it changes nothing). Pool: each reference x pool distortion x pool level, recorded with its content_id
+    Scored: each reference x distortion x level. Pool: each reference x pool distortion x pool level, recorded with its content_id
     so pool images of a split's test content can be left out. The seed drives the noise.
     """
     out_dir = Path(out_dir)
@@ -265,13 +283,10 @@ def make_demo(out_dir: Path, seed: int = 0, n_references: int = len(REFERENCES),
     for name in tqdm(references, desc="demo references", unit="ref", disable=not progress):
         ref_index = REFERENCES.index(name)
         reference = load_reference(name, image_size)
-        grayscale = bool(np.all(reference == reference[..., :1]))
         _save_png(reference, out_dir / REFS_DIR / f"{name}.png")
         written.add(f"{REFS_DIR}/{name}.png")
-        score = _Scorer(reference)
+        score = _Scorer(reference, n_levels)
         for distortion in (DISTORTIONS[d] for d in distortions):
-            if distortion.name == "saturation" and grayscale:
-                continue
             d_index = list(DISTORTIONS).index(distortion.name)
             for level, strength in enumerate(distortion.strengths(n_levels), start=1):
                 rng = np.random.default_rng([seed, ref_index, d_index, level])
@@ -279,7 +294,7 @@ def make_demo(out_dir: Path, seed: int = 0, n_references: int = len(REFERENCES),
                 relative = f"{IMAGES_DIR}/{name}_{distortion.name}_{level}.png"
                 _save_png(image, out_dir / relative)
                 written.add(relative)
-                scored.append([relative, f"{score(image):.3f}", name, distortion.name, level])
+                scored.append([relative, f"{score(image, level):.3f}", name, distortion.name, level])
         for d_index, distortion in enumerate(POOL_DISTORTIONS.values(), start=len(DISTORTIONS)):
             for level, strength in enumerate(distortion.strengths(pool_levels) if pool_levels else [], start=1):
                 rng = np.random.default_rng([seed, ref_index, d_index, level])
@@ -306,25 +321,28 @@ def _readme(summary: DemoSummary, image_size: int, pool_levels: int) -> str:
     return f"""# QFM demo dataset (synthetic)
 
 This dataset is **synthetic**: its scores are computed, not collected from people. It was made by
-`qfm demo-data` (`qfm.data.demo.make_demo`) with seed {summary.seed}, from {len(summary.references)} photographs that
-ship inside scikit-image (each `skimage.data` function's docstring gives its source, and its licence where
-known): {', '.join(summary.references)}.
+`qfm demo-data` (`qfm.data.demo.make_demo`) with seed {summary.seed}, from {len(summary.references)} images that
+ship inside installed wheels: {', '.join(summary.references)}. grace_hopper is matplotlib's sample
+photograph, china and flower are scikit-learn's (`sklearn.datasets.load_sample_image`), the rest are
+scikit-image's (each `skimage.data` function's docstring gives its source, and its licence where known).
 
 ## How it is made
 1. Each reference is centre-cropped to a square and resized (Lanczos) to {image_size}x{image_size} RGB
-   (page and text are smaller, so they are upscaled); grayscale photographs are copied into three
+   (smaller ones are upscaled); grayscale photographs are copied into three
    channels. They are in `{REFS_DIR}/`.
-2. Each reference is distorted at {summary.n_levels} levels (1 = mildest) of each type below. Saturation
-   is left out for grayscale references, where it changes nothing. JPEG images are decoded and saved
-   losslessly, so they keep their JPEG artefacts. All images are PNG, in `{IMAGES_DIR}/`.
+2. Each reference is distorted at {summary.n_levels} levels (1 = mildest) of each type below. JPEG images
+   are decoded and saved losslessly, so they keep their JPEG artefacts. All images are PNG, in `{IMAGES_DIR}/`.
 
 | distortion | strength | levels |
 | --- | --- | --- |
 {table([DISTORTIONS[d] for d in summary.distortions], summary.n_levels)}
 
 3. Score: {SCORE_DESCRIPTION}.
-   SSIM is Wang et al.'s (Gaussian window, sigma 1.5) on luma in [0, 1];
-   the CIE76 colour difference (Euclidean distance in CIELAB) is averaged over pixels. The scale is
+   It simulates a subjective study: each type's strengths run from just visible to severe, so the
+   level sets most of the opinion, and SSIM (Wang et al., Gaussian window, sigma 1.5, on luma in
+   [0, 1], against the reference) adds how visible the distortion is on this content (blur hardly
+   shows on a smooth photograph). SSIM alone is not used: it varies with content in ways the
+   distorted image does not show, so no model could learn it from the image alone. The scale is
    {MOS_MIN:g}-{MOS_MAX:g}, higher is better; this run's scores span {summary.mos_min:.1f}-{summary.mos_max:.1f}.
 4. `{SCORES_FILE}`: image, mos, ref, distortion, level ({summary.n_images} rows). `ref` is the content id:
    splits keep every reference in one part.

@@ -169,7 +169,7 @@ def read_csv_dataset(root: Path, scores_file: str = "scores.csv", image_column: 
 
 @register("demo", "the built-in synthetic demo dataset written by `qfm demo-data`", synthetic=True)
 def read_demo(root: Path) -> RawDataset:
-    """The demo generator's scores.csv: synthetic full-reference scores on 0-100, content = reference."""
+    """The demo generator's scores.csv: synthetic simulated-opinion scores on 0-100, content = reference."""
     raw = read_csv_dataset(root, scores_file=demo.SCORES_FILE, image_column="image", score_column="mos",
                            score_min=demo.MOS_MIN, score_max=demo.MOS_MAX, content_column="ref",
                            distortion_type_column="distortion", distortion_level_column="level")
