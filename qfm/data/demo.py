@@ -34,8 +34,9 @@ IMAGES_DIR, POOL_DIR, REFS_DIR = "images", "pool", "refs"
 MOS_MIN, MOS_MAX = 0.0, 100.0
 LEVEL_WEIGHT = 0.5  # share of the score set by the level; the rest is SSIM against the reference
 IMPAIRMENT_RANGE = (0.1, 0.8)  # impairment of the mildest and of the strongest level
-SCORE_DESCRIPTION = ("synthetic simulated opinion, not human: MOS = 100 * (0.5 * (1 - impairment) + 0.5 * SSIM(luma) "
-                     "against the reference), impairment rising linearly with the level from 0.1 to 0.8")
+SCORE_DESCRIPTION = (f"synthetic simulated opinion, not human: MOS = 100 * ({LEVEL_WEIGHT:g} * (1 - impairment) + "
+                     f"{1 - LEVEL_WEIGHT:g} * SSIM(luma) against the reference), impairment rising linearly with "
+                     f"the level from {IMPAIRMENT_RANGE[0]:g} to {IMPAIRMENT_RANGE[1]:g}")
 
 # Real images that ship inside installed wheels (no download): scikit-image's, matplotlib's grace_hopper
 # and scikit-learn's two sample photographs. PHOTOGRAPHS, natural scenes as in LIVE, CSIQ or KADID-10k,
@@ -267,8 +268,9 @@ def make_demo(out_dir: Path, seed: int = 0, n_references: int = len(REFERENCES),
               progress: bool = True) -> DemoSummary:
     """Write the demo dataset (scored images, unlabelled pool, references, DEMO.md) into out_dir.
 
-    Scored: each reference x distortion x level. Pool: each reference x pool distortion x pool level, recorded with its content_id
-    so pool images of a split's test content can be left out. The seed drives the noise.
+    Scored: each reference x distortion x level. Pool: each reference x pool distortion x pool level,
+    recorded with its content_id so pool images of a split's test content can be left out. The seed
+    drives the noise.
     """
     out_dir = Path(out_dir)
     distortions = tuple(distortions)
