@@ -84,7 +84,7 @@ def find_images(spec: str | None, workdir: Path, synthetic_size: tuple[int, int]
     if spec is None and CLIVE_IMAGES.is_dir():
         return list_images(CLIVE_IMAGES), "clive-dev (../shared/datasets/clive-dev)"
     if spec is None or spec == "demo":
-        make_demo(workdir, n_references=5, image_size=500, progress=False)
+        make_demo(workdir, n_references=5, n_scenes=0, image_size=500, progress=False)
         return list_images(workdir / IMAGES_DIR), "the demo dataset (5 references, 500x500 PNG)"
     if spec == "synthetic":
         width, height = synthetic_size

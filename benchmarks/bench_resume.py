@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qfm-bench-resume-") as tmp:
         tmp = Path(tmp)
-        make_demo(tmp / "demo", seed=0, n_references=args.references, n_levels=3, pool_levels=1,
+        make_demo(tmp / "demo", seed=0, n_references=args.references, n_scenes=0, n_levels=3, pool_levels=1,
                   image_size=args.size, progress=False)
         manifest = build_manifest(read_dataset("demo", tmp / "demo"), SplitProtocol(n_splits=1), progress=False)
         write_manifest(manifest, tmp / "manifest")

@@ -36,7 +36,7 @@ def images(n: int) -> list[Path]:
     from qfm.data.demo import make_demo
 
     root = Path(mkdtemp())
-    make_demo(root, n_references=4, progress=False)
+    make_demo(root, n_references=4, n_scenes=0, progress=False)
     return sorted((root / "images").glob("*.png"))[:n]
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 from qfm.errors import DataError, QfmError
@@ -31,8 +32,7 @@ def prepare_dataset(params: dict, dataset: str | Path | None) -> Path:
         return path.resolve()
     if dataset is None and ingest.format == "demo":
         demo = params["demo"]  # as `qfm demo-data` (the dvc.yaml stage) makes it
-        make_demo(path, seed=demo.seed, n_references=demo.n_references, n_levels=demo.n_levels,
-                  pool_levels=demo.pool_levels, image_size=demo.image_size, progress=False)
+        make_demo(path, **asdict(demo), progress=False)
         return path.resolve()
     raise DataError(f"dataset folder {path} does not exist: pass --dataset DIR or set ingest.root in the params file")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
@@ -102,8 +102,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     demo = _sections(args)["demo"]
-    summary = make_demo(Path(args.out), seed=_pick(args.seed, demo.seed), n_references=demo.n_references,
-                        n_levels=demo.n_levels, pool_levels=demo.pool_levels, image_size=demo.image_size)
+    summary = make_demo(Path(args.out), **(asdict(demo) | {"seed": _pick(args.seed, demo.seed)}))
     print(f"demo dataset written to {args.out} in {time.perf_counter() - started:.1f} s: {summary}")
     return 0
 

@@ -19,7 +19,8 @@ from qfm.errors import ConfigError
 @dataclass(frozen=True)
 class DemoParams:
     seed: int = 0
-    n_references: int = 19              # 2..19: the 14 natural photographs first, then scientific images and scans
+    n_scenes: int = 80                  # procedural dead-leaves scenes (each distortion at one level)
+    n_references: int = 0               # 0..19 packaged images: the 14 natural photographs first, then scientific ones
     n_levels: int = 4                   # distortion levels per type
     pool_levels: int = 3                # levels of the unlabelled pool's distortions (0: no pool)
     image_size: int = 384

@@ -29,7 +29,7 @@ def one_torch_thread():
 def tiny_demo(tmp_path_factory) -> Path:
     """A 6-reference demo (2 levels, 128 px) ingested with 2 splits; returns the manifest folder."""
     root = tmp_path_factory.mktemp("tiny-demo")
-    make_demo(root / "demo", seed=0, n_references=6, n_levels=2, pool_levels=1, image_size=128, progress=False)
+    make_demo(root / "demo", seed=0, n_references=6, n_scenes=0, n_levels=2, pool_levels=1, image_size=128, progress=False)
     manifest = build_manifest(read_dataset("demo", root / "demo"),
                               SplitProtocol(n_splits=2, test_fraction=0.2, val_fraction=0.25), progress=False)
     write_manifest(manifest, root / "manifest")

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from qfm.data.adapters import read_dataset
-from qfm.data.demo import DISTORTIONS, POOL_DISTORTIONS, REFERENCES, make_demo
+from qfm.data.demo import DISTORTIONS, PHOTOGRAPHS, POOL_DISTORTIONS, load_reference, make_demo, scene_name
 from qfm.data.manifest import build_manifest
 from qfm.data.splits import SplitProtocol, check_disjoint
 from qfm.errors import ConfigError
 
-TINY = {"n_references": 3, "n_levels": 2, "pool_levels": 1, "image_size": 64, "progress": False}
+TINY = {"n_references": 3, "n_scenes": 2, "n_levels": 2, "pool_levels": 1, "image_size": 64, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +30,53 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+CONTENTS = tuple(scene_name(i) for i in range(80))
+
+
+@pytest.fixture(scope="module")
+def photographs(tmp_path_factory):
+    """Four packaged photographs at every level of every distortion (the optional part of the demo)."""
+    out = tmp_path_factory.mktemp("photographs")
+    return out, make_demo(out, seed=0, n_references=4, n_scenes=0, pool_levels=0, image_size=128, progress=False)
+
+
 def test_default_layout_and_counts(demo):
     out, summary = demo
-    assert summary.references == REFERENCES and len(REFERENCES) == 19
-    assert summary.n_images == len(REFERENCES) * len(DISTORTIONS) * 4 == 304
-    assert summary.n_pool == len(REFERENCES) * len(POOL_DISTORTIONS) * 3 == 228
+    assert summary.references == () and summary.scenes == CONTENTS
+    assert summary.n_images == 80 * len(DISTORTIONS) == 320
+    assert summary.n_pool == 80 * len(POOL_DISTORTIONS) == 320
     scores = pd.read_csv(out / "scores.csv")
-    assert list(scores.columns) == ["image", "mos", "ref", "distortion", "level"] and len(scores) == 304
-    assert set(scores["ref"]) == set(REFERENCES) and set(scores["level"]) == {1, 2, 3, 4}
+    assert list(scores.columns) == ["image", "mos", "ref", "distortion", "level"] and len(scores) == 320
+    assert set(scores["ref"]) == set(CONTENTS) and set(scores["level"]) == {1, 2, 3, 4}
     pool = pd.read_csv(out / "pool.csv")
-    assert list(pool.columns) == ["image", "content_id"] and len(pool) == 228
-    assert set(pool["content_id"]) == set(REFERENCES)
+    assert list(pool.columns) == ["image", "content_id"] and len(pool) == 320
+    assert set(pool["content_id"]) == set(CONTENTS)
     assert set(pool["image"]).isdisjoint(scores["image"])
     for relative in [*scores["image"], *pool["image"]]:
         with Image.open(out / relative) as img:
             assert (img.format, img.mode, img.size) == ("PNG", "RGB", (384, 384))
-    assert sorted(p.stem for p in (out / "refs").glob("*.png")) == sorted(REFERENCES)
-    for name in ("grace_hopper", "china", "flower"):  # matplotlib's and scikit-learn's photographs
-        with Image.open(out / "refs" / f"{name}.png") as img:
-            assert np.asarray(img).std() > 20
+    assert sorted(p.stem for p in (out / "refs").glob("*.png")) == sorted(CONTENTS)
     readme = (out / "DEMO.md").read_text()
-    assert "synthetic" in readme and "SSIM" in readme and "pool.csv" in readme
+    assert "synthetic" in readme and "SSIM" in readme and "pool.csv" in readme and "dead-leaves" in readme
+
+
+def test_each_scene_has_each_distortion_once_with_the_levels_balanced(demo):
+    scores = pd.read_csv(demo[0] / "scores.csv")
+    assert all(sorted(group) == sorted(DISTORTIONS) for _, group in scores.groupby("ref")["distortion"])
+    assert scores.groupby(["distortion", "level"]).size().tolist() == [20] * 16  # 80 scenes, 4 levels
+    pool = pd.read_csv(demo[0] / "pool.csv")
+    for ref, group in pool.groupby("content_id")["image"]:
+        expected = [f"pool/{ref}_{d}_{(int(ref[-3:]) + i) % 3 + 1}.png" for i, d in enumerate(POOL_DISTORTIONS)]
+        assert sorted(group) == sorted(expected), ref
+
+
+def test_packaged_photographs_get_every_level_of_every_distortion(photographs):
+    out, summary = photographs
+    assert summary.references == PHOTOGRAPHS[:4] and summary.scenes == () and summary.n_pool == 0
+    scores = pd.read_csv(out / "scores.csv")
+    assert scores.groupby("ref").size().to_dict() == {name: 16 for name in PHOTOGRAPHS[:4]}
+    for name in ("grace_hopper", "china", "flower"):  # matplotlib's and scikit-learn's photographs
+        assert load_reference(name, 64).std() > 20
 
 
 def test_scores_spread_across_the_range(demo):
@@ -75,17 +101,24 @@ def test_score_is_half_level_half_ssim(demo):
         assert row.mos == pytest.approx(100 * (0.5 * level_part + 0.5 * max(ssim, 0.0)), abs=2e-3), row
 
 
-def test_scores_fall_strictly_with_level_within_each_reference_and_type(demo):
-    scores = pd.read_csv(demo[0] / "scores.csv").sort_values("level")
+def test_scores_fall_strictly_with_level_within_each_photograph_and_type(photographs):
+    scores = pd.read_csv(photographs[0] / "scores.csv").sort_values("level")
     for (ref, distortion), group in scores.groupby(["ref", "distortion"]):
-        assert (np.diff(group["mos"].to_numpy()) < 0).all(), (ref, distortion, group["mos"].tolist())
+        assert len(group) == 4 and (np.diff(group["mos"].to_numpy()) < 0).all(), (ref, distortion)
+
+
+def test_scene_scores_fall_with_level(demo):
+    scores = pd.read_csv(demo[0] / "scores.csv")
     medians = scores.groupby("level")["mos"].median().to_numpy()
     assert (np.diff(medians) < -5).all(), medians
+    for distortion, group in scores.groupby("distortion"):  # 20 scenes per level and type: little overlap
+        by_level = group.groupby("level")["mos"]
+        assert (by_level.max().to_numpy()[1:] < by_level.min().to_numpy()[:-1] + 5).all(), distortion
 
 
 def test_jpeg_images_keep_their_artefacts(demo):
     out = demo[0]
-    with Image.open(out / "refs/astronaut.png") as ref, Image.open(out / "images/astronaut_jpeg_4.png") as img:
+    with Image.open(out / "refs/scene_001.png") as ref, Image.open(out / "images/scene_001_jpeg_4.png") as img:
         diff = np.abs(np.asarray(ref, dtype=int) - np.asarray(img, dtype=int))
     assert diff.mean() > 3  # quality 5 JPEG: far from the reference, yet stored losslessly as PNG
 
@@ -98,7 +131,7 @@ def test_demo_ingests_with_content_disjoint_splits(demo):
     frame = manifest.frame
     assert len(frame) == summary.n_images and manifest.meta["n_skipped"] == 0
     assert frame["mos"].to_numpy() == pytest.approx(frame["mos_raw"].to_numpy() / 100)
-    assert set(frame["content_id"]) == set(REFERENCES)
+    assert set(frame["content_id"]) == set(CONTENTS)
     assert set(frame["distortion_type"]) == set(DISTORTIONS)
     assert len(manifest.split_columns) == 10
     for column in manifest.split_columns:
@@ -113,12 +146,12 @@ def test_same_seed_gives_identical_bytes_and_another_seed_other_noise(tmp_path):
                            (("a", 1), ("b", 1), ("c", 2)))
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert a == b and dataclasses.replace(first, out_dir=again.out_dir) == again
-    assert len(a) == 3 * 4 * 2 + 3 * 4 * 1 + 3 + 3  # scored, pool, references, two CSVs and DEMO.md
-    assert set(a) == set(c)
+    assert len(a) == 3 * 4 * 2 + 2 * 4 + 3 * 4 * 1 + 2 * 4 + 3 + 2 + 3  # scored, pool, contents, CSVs, DEMO.md
     changed = {name for name in a if a[name] != c[name]}
+    scenes = {n for n in a if "scene_" in n}
     noisy = {n for n in a if "_noise_" in n or "_saltpepper_" in n}
-    assert noisy <= changed and "scores.csv" in changed and "DEMO.md" in changed
-    assert not {n for n in changed - noisy if n.endswith(".png")}, "only the noise depends on the seed"
+    assert scenes <= changed and noisy <= changed and "scores.csv" in changed and "DEMO.md" in changed
+    assert not {n for n in changed - noisy - scenes if n.endswith(".png")}, "the seed draws scenes and noise"
     assert other.seed == 2
 
 
@@ -141,12 +174,19 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
 
 
 @pytest.mark.parametrize(("option", "value"), [
-    ("n_references", 1), ("n_references", 20), ("n_levels", 1), ("n_levels", 9), ("pool_levels", -1),
+    ("n_references", -1), ("n_references", 20), ("n_scenes", -1), ("n_scenes", 1000), ("n_levels", 1), ("n_levels", 9), ("pool_levels", -1),
     ("image_size", 16), ("distortions", ("blur", "fog")), ("distortions", ("blur", "blur")), ("seed", -1),
 ])
 def test_bad_counts_name_the_parameter(tmp_path, option, value):
     with pytest.raises(ConfigError, match=f"demo {option}"):
         make_demo(tmp_path / "x", **(TINY | {option: value}))
+
+
+def test_needs_two_contents_and_can_be_scenes_only(tmp_path):
+    with pytest.raises(ConfigError, match="at least 2 contents"):
+        make_demo(tmp_path / "x", **(TINY | {"n_references": 1, "n_scenes": 0}))
+    summary = make_demo(tmp_path / "scenes", **(TINY | {"n_references": 0, "n_scenes": 2}))
+    assert summary.references == () and summary.n_images == 2 * len(DISTORTIONS)
 
 
 def test_bad_options_write_nothing_and_a_half_written_folder_can_be_rerun(tmp_path):

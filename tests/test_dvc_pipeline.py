@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("dvc.yaml", "params.yaml", "data.dvc", ".gitignore", ".dvcignore")
 STAGES = ("demo_data", "ingest", "validate", "train_teacher", "pseudo_label", "build_bank", "train_student",
           "evaluate", "promote")
-TINY = {"demo": {"n_references": 6, "n_levels": 2, "pool_levels": 1, "image_size": 128},
+TINY = {"demo": {"n_references": 6, "n_scenes": 0, "n_levels": 2, "pool_levels": 1, "image_size": 128},
         "splits": {"n_splits": 2, "val_fraction": 0.25}, "validate": {"min_width": 96, "min_height": 96},
         "run": {"device": "cpu"}, "pseudo_label": {"workers": 0}, "build_bank": {"workers": 0, "tau": 0.05},
         **{s: {"epochs": 1, "batch_size": 4, "n_crops": 1, "crop_size": 96, "test_grid": "1x2", "workers": 0}

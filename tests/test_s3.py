@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 def demo(tmp_path_factory) -> Path:
     """A small demo dataset of real photographs: 6 x 4 distortions x 2 levels = 48 scored images, 24 pool images, CSVs."""
     root = tmp_path_factory.mktemp("s3-demo") / "demo"
-    make_demo(root, seed=0, n_references=6, n_levels=2, pool_levels=1, image_size=128, progress=False)
+    make_demo(root, seed=0, n_references=6, n_scenes=0, n_levels=2, pool_levels=1, image_size=128, progress=False)
     return root
 
 

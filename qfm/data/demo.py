@@ -1,4 +1,5 @@
-"""The built-in demo dataset: photographs shipped inside installed wheels, distorted and scored on the fly.
+"""The built-in demo dataset: photographs shipped inside installed wheels and procedural dead-leaves
+scenes, distorted and scored on the fly.
 
 Synthetic, not human: a simulated opinion score, half from the distortion's level (each type's strengths
 span just-visible to severe) and half from SSIM against the reference (how visible it is on this content):
@@ -6,7 +7,7 @@ MOS = 100 * (0.5 * (1 - impairment(level)) + 0.5 * SSIM(luma)). Layout:
 
   out_dir/images/<ref>_<distortion>_<level>.png   scored images (scores.csv: image, mos, ref, distortion, level)
   out_dir/pool/<ref>_<distortion>_<level>.png     unlabelled pool for DLE (pool.csv: image, content_id)
-  out_dir/refs/<ref>.png                          the undistorted references
+  out_dir/refs/<ref>.png                          the undistorted contents (photographs and scenes)
   out_dir/DEMO.md                                 what this is and how it was made
 
 Paths in both CSVs are relative to out_dir. Deterministic for a seed; re-running into the same folder
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from qfm.data.dead_leaves import dead_leaves
 from qfm.errors import ConfigError
 
 SCORES_FILE = "scores.csv"
@@ -132,6 +134,30 @@ POOL_DISTORTIONS = {d.name: d for d in (
     Distortion("downscale", _down_up, 2.0, 6.0, "down- then up-scaling factor (bicubic)"),
 )}
 MAX_LEVELS = 8
+MAX_SCENES = 999
+SCENE_PREFIX = "scene_"
+
+
+def scene_name(index: int) -> str:
+    """The content id of dead-leaves scene ``index``."""
+    return f"{SCENE_PREFIX}{index:03d}"
+
+
+def _plan(names: Sequence[str], n_levels: int, scene_index: int | None, table: dict[str, Distortion],
+          offset: int = 0) -> list[tuple[int, Distortion, int, float]]:
+    """(rng index, distortion, level, strength) to write for one content.
+
+    A packaged reference gets every level of every distortion, so quality can be ranked within it. A scene
+    gets each distortion once, at level (scene_index + distortion index) mod n_levels + 1: the levels are
+    balanced over the scenes, and most of the scenes' contribution is comparisons across contents.
+    """
+    plan = []
+    for name in names:
+        distortion, d_index = table[name], offset + list(table).index(name)
+        for level, strength in enumerate(distortion.strengths(n_levels) if n_levels else [], start=1):
+            if scene_index is None or level == (scene_index + d_index - offset) % n_levels + 1:
+                plan.append((d_index, distortion, level, strength))
+    return plan
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,7 @@ class DemoSummary:
     out_dir: Path
     seed: int
     references: tuple[str, ...]
+    scenes: tuple[str, ...]
     distortions: tuple[str, ...]
     n_levels: int
     n_images: int
@@ -149,8 +176,11 @@ class DemoSummary:
     mos_max: float
 
     def __str__(self) -> str:
-        return (f"{self.n_images} scored images of {len(self.references)} references "
-                f"({len(self.distortions)} distortions x {self.n_levels} levels), {self.n_pool} pool images, "
+        parts = [f"{len(self.scenes)} dead-leaves scenes (each distortion once)"] if self.scenes else []
+        if self.references:
+            parts.append(f"{len(self.references)} packaged images (every level of every distortion)")
+        return (f"{self.n_images} scored images of {' and '.join(parts)}, {len(self.distortions)} distortions "
+                f"at {self.n_levels} levels, {self.n_pool} pool images, "
                 f"MOS {self.mos_min:.1f}-{self.mos_max:.1f}, seed {self.seed}")
 
 
@@ -216,12 +246,17 @@ def _save_png(img: np.ndarray, path: Path) -> None:
         path.write_bytes(data)
 
 
-def _check_counts(n_references: int, n_levels: int, pool_levels: int, image_size: int,
+def _check_counts(n_references: int, n_scenes: int, n_levels: int, pool_levels: int, image_size: int,
                   distortions: Sequence[str]) -> None:
-    if not 2 <= n_references <= len(REFERENCES):
-        raise ConfigError(f"demo n_references must be 2..{len(REFERENCES)} (the packaged images: the first "
+    if not 0 <= n_references <= len(REFERENCES):
+        raise ConfigError(f"demo n_references must be 0..{len(REFERENCES)} (the packaged images: the first "
                           f"{len(PHOTOGRAPHS)} are natural photographs, the rest scientific images and scans), "
                           f"got {n_references}")
+    if not 0 <= n_scenes <= MAX_SCENES:
+        raise ConfigError(f"demo n_scenes must be 0..{MAX_SCENES} (procedural dead-leaves scenes), got {n_scenes}")
+    if n_references + n_scenes < 2:
+        raise ConfigError(f"the demo needs at least 2 contents (n_references + n_scenes), got "
+                          f"{n_references} + {n_scenes}")
     if not 2 <= n_levels <= MAX_LEVELS:
         raise ConfigError(f"demo n_levels must be 2..{MAX_LEVELS}, got {n_levels}")
     if not 0 <= pool_levels <= MAX_LEVELS:
@@ -263,52 +298,53 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     path.write_text(buffer.getvalue(), encoding="utf-8")
 
 
-def make_demo(out_dir: Path, seed: int = 0, n_references: int = len(REFERENCES), n_levels: int = 4,
-              pool_levels: int = 3, image_size: int = 384, distortions: Sequence[str] = tuple(DISTORTIONS),
-              progress: bool = True) -> DemoSummary:
+def make_demo(out_dir: Path, seed: int = 0, n_references: int = 0, n_scenes: int = 80,
+              n_levels: int = 4, pool_levels: int = 3, image_size: int = 384,
+              distortions: Sequence[str] = tuple(DISTORTIONS), progress: bool = True) -> DemoSummary:
     """Write the demo dataset (scored images, unlabelled pool, references, DEMO.md) into out_dir.
 
-    Scored: each reference x distortion x level. Pool: each reference x pool distortion x pool level,
-    recorded with its content_id so pool images of a split's test content can be left out. The seed
-    drives the noise.
+    Scored: each packaged reference x distortion x level, and each dead-leaves scene x distortion at one
+    level (see ``_plan``). Pool: the same with the pool distortions, recorded with its content_id so pool
+    images of a split's test content can be left out. The seed drives the scenes and the noise.
     """
     out_dir = Path(out_dir)
     distortions = tuple(distortions)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"demo seed must be a non-negative integer, got {seed!r}")
-    _check_counts(n_references, n_levels, pool_levels, image_size, distortions)
+    _check_counts(n_references, n_scenes, n_levels, pool_levels, image_size, distortions)
     _prepare_folder(out_dir)
     references = REFERENCES[:n_references]
+    scenes = tuple(scene_name(i) for i in range(n_scenes))
     scored: list[list] = []
     pooled: list[list] = []
     written: set[str] = set()
-    for name in tqdm(references, desc="demo references", unit="ref", disable=not progress):
-        ref_index = REFERENCES.index(name)
-        reference = load_reference(name, image_size)
+    for name in tqdm((*references, *scenes), desc="demo contents", unit="content", disable=not progress):
+        if name in scenes:
+            index = scenes.index(name)
+            reference, rng_id = dead_leaves(image_size, (seed, index)), len(REFERENCES) + index
+        else:
+            reference, rng_id, index = load_reference(name, image_size), REFERENCES.index(name), None
         _save_png(reference, out_dir / REFS_DIR / f"{name}.png")
         written.add(f"{REFS_DIR}/{name}.png")
         score = _Scorer(reference, n_levels)
-        for distortion in (DISTORTIONS[d] for d in distortions):
-            d_index = list(DISTORTIONS).index(distortion.name)
-            for level, strength in enumerate(distortion.strengths(n_levels), start=1):
-                rng = np.random.default_rng([seed, ref_index, d_index, level])
-                image = distortion.apply(reference, strength, rng)
-                relative = f"{IMAGES_DIR}/{name}_{distortion.name}_{level}.png"
-                _save_png(image, out_dir / relative)
-                written.add(relative)
-                scored.append([relative, f"{score(image, level):.3f}", name, distortion.name, level])
-        for d_index, distortion in enumerate(POOL_DISTORTIONS.values(), start=len(DISTORTIONS)):
-            for level, strength in enumerate(distortion.strengths(pool_levels) if pool_levels else [], start=1):
-                rng = np.random.default_rng([seed, ref_index, d_index, level])
-                relative = f"{POOL_DIR}/{name}_{distortion.name}_{level}.png"
-                _save_png(distortion.apply(reference, strength, rng), out_dir / relative)
-                written.add(relative)
-                pooled.append([relative, name])
+        for d_index, distortion, level, strength in _plan(distortions, n_levels, index, DISTORTIONS):
+            image = distortion.apply(reference, strength, np.random.default_rng([seed, rng_id, d_index, level]))
+            relative = f"{IMAGES_DIR}/{name}_{distortion.name}_{level}.png"
+            _save_png(image, out_dir / relative)
+            written.add(relative)
+            scored.append([relative, f"{score(image, level):.3f}", name, distortion.name, level])
+        for d_index, distortion, level, strength in _plan(tuple(POOL_DISTORTIONS), pool_levels, index,
+                                                          POOL_DISTORTIONS, offset=len(DISTORTIONS)):
+            relative = f"{POOL_DIR}/{name}_{distortion.name}_{level}.png"
+            rng = np.random.default_rng([seed, rng_id, d_index, level])
+            _save_png(distortion.apply(reference, strength, rng), out_dir / relative)
+            written.add(relative)
+            pooled.append([relative, name])
     _remove_stale(out_dir, written)
     _write_csv(out_dir / SCORES_FILE, ["image", "mos", "ref", "distortion", "level"], scored)
     _write_csv(out_dir / POOL_FILE, ["image", "content_id"], pooled)
     mos = [float(row[1]) for row in scored]
-    summary = DemoSummary(out_dir=out_dir, seed=seed, references=references, distortions=distortions,
+    summary = DemoSummary(out_dir=out_dir, seed=seed, references=references, scenes=scenes, distortions=distortions,
                           n_levels=n_levels, n_images=len(scored), n_pool=len(pooled),
                           mos_min=min(mos), mos_max=max(mos))
     (out_dir / README_FILE).write_text(_readme(summary, image_size, pool_levels), encoding="utf-8")
@@ -320,20 +356,27 @@ def _readme(summary: DemoSummary, image_size: int, pool_levels: int) -> str:
         return "\n".join(f"| {d.name} | {d.unit} | {', '.join(f'{s:.3g}' for s in d.strengths(n))} |"
                          for d in items)
 
+    sources = (f"{len(summary.references)} images that ship inside installed wheels "
+               f"({', '.join(summary.references) or 'none'}) and {len(summary.scenes)} procedural dead-leaves scenes")
     return f"""# QFM demo dataset (synthetic)
 
 This dataset is **synthetic**: its scores are computed, not collected from people. It was made by
-`qfm demo-data` (`qfm.data.demo.make_demo`) with seed {summary.seed}, from {len(summary.references)} images that
-ship inside installed wheels: {', '.join(summary.references)}. grace_hopper is matplotlib's sample
-photograph, china and flower are scikit-learn's (`sklearn.datasets.load_sample_image`), the rest are
-scikit-image's (each `skimage.data` function's docstring gives its source, and its licence where known).
+`qfm demo-data` (`qfm.data.demo.make_demo`) with seed {summary.seed}, from {sources}.
+grace_hopper is matplotlib's sample photograph, china and flower are scikit-learn's
+(`sklearn.datasets.load_sample_image`), the other packaged images are scikit-image's (each `skimage.data`
+function's docstring gives its source, and its licence where known).
 
 ## How it is made
-1. Each reference is centre-cropped to a square and resized (Lanczos) to {image_size}x{image_size} RGB
-   (smaller ones are upscaled); grayscale photographs are copied into three
-   channels. They are in `{REFS_DIR}/`.
-2. Each reference is distorted at {summary.n_levels} levels (1 = mildest) of each type below. JPEG images
-   are decoded and saved losslessly, so they keep their JPEG artefacts. All images are PNG, in `{IMAGES_DIR}/`.
+1. Each packaged image is centre-cropped to a square and resized (Lanczos) to {image_size}x{image_size} RGB
+   (smaller ones are upscaled); grayscale photographs are copied into three channels.
+   Each scene (`scene_NNN`) is drawn by `qfm.data.dead_leaves` from the seed: opaque discs and
+   rectangles with power-law radii, its own palette and surface texture, anti-aliased. Dead leaves is
+   the texture chart of camera image-quality testing (ISO 19567-2): it has the scale invariance and
+   edges of photographs, and every seed is a new content. The undistorted contents are in `{REFS_DIR}/`.
+2. Each packaged image is distorted at all {summary.n_levels} levels (1 = mildest) of each type below; each
+   scene once per type, at level (scene number + type number) mod {summary.n_levels} + 1, so the levels are
+   balanced over the scenes. JPEG images are decoded and saved losslessly, so they keep their JPEG
+   artefacts. All images are PNG, in `{IMAGES_DIR}/`.
 
 | distortion | strength | levels |
 | --- | --- | --- |
@@ -347,11 +390,11 @@ scikit-image's (each `skimage.data` function's docstring gives its source, and i
    distorted image does not show, so no model could learn it from the image alone. The scale is
    {MOS_MIN:g}-{MOS_MAX:g}, higher is better; this run's scores span {summary.mos_min:.1f}-{summary.mos_max:.1f}.
 4. `{SCORES_FILE}`: image, mos, ref, distortion, level ({summary.n_images} rows). `ref` is the content id:
-   splits keep every reference in one part.
+   splits keep every content in one part.
 
 ## Unlabelled pool
-`{POOL_FILE}` lists {summary.n_pool} images in `{POOL_DIR}/` with their `content_id` (the reference) and no
-score, for pseudo-labelling (DLE). They carry other distortions at {pool_levels} levels:
+`{POOL_FILE}` lists {summary.n_pool} images in `{POOL_DIR}/` with their `content_id` and no score, for
+pseudo-labelling (DLE). They carry other distortions at {pool_levels} levels (a scene: each once, as above):
 
 | distortion | strength | levels |
 | --- | --- | --- |
