@@ -1,5 +1,5 @@
-"""The built-in demo dataset: photographs shipped inside installed wheels and procedural dead-leaves
-scenes, distorted and scored on the fly.
+"""The built-in demo dataset: procedural dead-leaves scenes and, optionally, photographs shipped inside
+installed wheels, distorted and scored on the fly.
 
 Synthetic, not human: a simulated opinion score, half from the distortion's level (each type's strengths
 span just-visible to severe) and half from SSIM against the reference (how visible it is on this content):
@@ -318,12 +318,12 @@ def make_demo(out_dir: Path, seed: int = 0, n_references: int = 0, n_scenes: int
     scored: list[list] = []
     pooled: list[list] = []
     written: set[str] = set()
-    for name in tqdm((*references, *scenes), desc="demo contents", unit="content", disable=not progress):
-        if name in scenes:
-            index = scenes.index(name)
-            reference, rng_id = dead_leaves(image_size, (seed, index)), len(REFERENCES) + index
+    contents = [(name, None) for name in references] + [(name, index) for index, name in enumerate(scenes)]
+    for name, index in tqdm(contents, desc="demo contents", unit="content", disable=not progress):
+        if index is None:
+            reference, rng_id = load_reference(name, image_size), REFERENCES.index(name)
         else:
-            reference, rng_id, index = load_reference(name, image_size), REFERENCES.index(name), None
+            reference, rng_id = dead_leaves(image_size, (seed, index)), len(REFERENCES) + index
         _save_png(reference, out_dir / REFS_DIR / f"{name}.png")
         written.add(f"{REFS_DIR}/{name}.png")
         score = _Scorer(reference, n_levels)
@@ -344,8 +344,8 @@ def make_demo(out_dir: Path, seed: int = 0, n_references: int = 0, n_scenes: int
     _write_csv(out_dir / SCORES_FILE, ["image", "mos", "ref", "distortion", "level"], scored)
     _write_csv(out_dir / POOL_FILE, ["image", "content_id"], pooled)
     mos = [float(row[1]) for row in scored]
-    summary = DemoSummary(out_dir=out_dir, seed=seed, references=references, scenes=scenes, distortions=distortions,
-                          n_levels=n_levels, n_images=len(scored), n_pool=len(pooled),
+    summary = DemoSummary(out_dir=out_dir, seed=seed, references=references, scenes=scenes,
+                          distortions=distortions, n_levels=n_levels, n_images=len(scored), n_pool=len(pooled),
                           mos_min=min(mos), mos_max=max(mos))
     (out_dir / README_FILE).write_text(_readme(summary, image_size, pool_levels), encoding="utf-8")
     return summary
