@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from qfm.config import DemoParams
 from qfm.data.dead_leaves import dead_leaves
 from qfm.errors import ConfigError
 
@@ -135,6 +136,7 @@ POOL_DISTORTIONS = {d.name: d for d in (
 )}
 MAX_LEVELS = 8
 MAX_SCENES = 999
+DEFAULTS = DemoParams()
 SCENE_PREFIX = "scene_"
 
 
@@ -200,7 +202,7 @@ def _read_packaged(name: str) -> np.ndarray:
     return data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
 
 
-def load_reference(name: str, size: int = 384) -> np.ndarray:
+def load_reference(name: str, size: int = DEFAULTS.image_size) -> np.ndarray:
     """A packaged photograph, centre-cropped to a square and resized to size x size RGB uint8."""
     if name not in REFERENCES:
         raise ConfigError(f"unknown demo reference '{name}'; known: {', '.join(REFERENCES)}")
@@ -298,10 +300,13 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     path.write_text(buffer.getvalue(), encoding="utf-8")
 
 
-def make_demo(out_dir: Path, seed: int = 0, n_references: int = 0, n_scenes: int = 80,
-              n_levels: int = 4, pool_levels: int = 3, image_size: int = 384,
+def make_demo(out_dir: Path, seed: int = DEFAULTS.seed, n_references: int = DEFAULTS.n_references,
+              n_scenes: int = DEFAULTS.n_scenes, n_levels: int = DEFAULTS.n_levels,
+              pool_levels: int = DEFAULTS.pool_levels, image_size: int = DEFAULTS.image_size,
               distortions: Sequence[str] = tuple(DISTORTIONS), progress: bool = True) -> DemoSummary:
     """Write the demo dataset (scored images, unlabelled pool, references, DEMO.md) into out_dir.
+
+    Defaults are those of the params schema's ``demo`` section (``qfm.config.DemoParams``).
 
     Scored: each packaged reference x distortion x level, and each dead-leaves scene x distortion at one
     level (see ``_plan``). Pool: the same with the pool distortions, recorded with its content_id so pool
