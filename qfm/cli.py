@@ -38,6 +38,16 @@ def _sections(args: argparse.Namespace) -> dict:
     return params
 
 
+def _workers(text: str) -> int | str:
+    """--workers: 'auto' or a whole number of DataLoader worker processes."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither 'auto' nor a whole number") from None
+
+
 def _pick(flag: object, default: object) -> object:
     """A command-line flag overrides the params file."""
     return default if flag is None else flag
@@ -187,20 +197,38 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_protocol(args: argparse.Namespace) -> int:
+def cmd_study(args: argparse.Namespace) -> int:
     from qfm.data.manifest import read_manifest
-    from qfm.steps.protocol import run_protocol
+    from qfm.steps.study import read_rows, run_study
 
-    params = _sections(args)
-    columns = read_manifest(args.manifest).split_columns
-    splits = args.splits.split(",") if args.splits else columns
-    summary = run_protocol(args.manifest, args.out, params, splits, progress=not args.quiet)
-    for who in ("teacher", "student"):
-        agg = summary[who]
-        print(f"{who}: SRCC median {agg['srcc']['median']:.4f} (mean {agg['srcc']['mean']:.4f} +- "
-              f"{agg['srcc']['std'] or 0:.4f}); PLCC raw median {agg['plcc_raw']['median']:.4f} over {len(splits)} splits")
-    print(f"details: {args.out}/protocol.json")
+    splits = args.splits.split(",") if args.splits else read_manifest(args.manifest).split_columns
+    rows, _ = read_rows(getattr(args, "rows", None))
+    if not args.quiet:
+        print(f"study: {len(rows)} row(s) x {len(splits)} split(s), {args.jobs} job(s); one line per finished unit "
+              "(split, row, unit, epoch chosen and its val SRCC, test SRCC, seconds)", flush=True)
+    study = run_study(args.manifest, args.out, splits, rows_file=getattr(args, "rows", None), params_file=args.params,
+                      overrides=args.set or [], jobs=args.jobs, units_dir=args.units, progress=not args.quiet)
+    for entry in study["rows"]:
+        test, val = entry["test_srcc"], entry["val_srcc"]
+        line = (f"{entry['row']}: test SRCC median {_number(test['median'])} (mean {_number(test['mean'])}), "
+                f"val SRCC median {_number(val['median'])} over {len(entry['splits_done'])} split(s)")
+        vs = entry.get("vs_reference", {}).get("test_srcc")
+        if vs and vs["n"]:
+            ci = vs["ci_t"] or vs["ci_bootstrap"]
+            line += (f"; vs {study['reference']}: {vs['mean']:+.4f} mean difference" +
+                     (f", 95% t-interval [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""))
+        print(line)
+    print(f"best row by median val SRCC: {study['best_row_by_val']}; {args.out}/study.md, study.json, "
+          f"study_differences.png ({study['wall_seconds']} s)")
+    failed = [(e["row"], s) for e in study["rows"] for s in e["errors"]]
+    if failed:
+        print(f"qfm study: {len(failed)} row/split run(s) failed (see study.md): {failed}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -279,10 +307,33 @@ def _add_training_steps(sub) -> None:
                  "OUT/promotion.json.", cmd_promote,
                  [manifest, ("--model", "folder of the trained student (best.pt, summary.json)"),
                   ("--eval", "folder of its evaluation (test metrics shown on the version)")], "output folder")
-    protocol = _step_parser(sub, "protocol", "the whole chain on several splits, median and mean +- std",
-                            "Run teacher, DLE, SNM, student and evaluation on each split and aggregate the test "
-                            "figures (median, mean, std). Resumable.", cmd_protocol, [manifest], "output folder")
-    protocol.add_argument("--splits", help="comma-separated split columns (default: all of the manifest's)")
+    for name, help_text, description in (
+            ("study", "rows of parameter overrides on several splits, compared by pairs with a reference row",
+             ("Train and test every row of --rows (name: overrides) on every split: teacher, DLE, SNM, student "
+             "and evaluation, sharing the units rows have in common and reusing finished ones on a rerun (a "
+             "unit whose parameters, data or code changed is recomputed). Then each row's per-split "
+             "differences with the reference row, with 95% intervals, Wilcoxon p and a per-image bootstrap. "
+             "Writes OUT/study.json, study.md, study_differences.png.")),
+            ("protocol", "the ten-split protocol: the QFM student against the plain baseline",
+             ("`qfm study` with the default rows: 'baseline' (every QFM part off, the plain DEIQT fine-tune) "
+             "as the reference and 'qfm' (the parameters as given). Writes OUT/study.json, study.md, "
+             "study_differences.png."))):
+        study = sub.add_parser(name, help=help_text, description=description)
+        study.add_argument("--manifest", required=True, help="folder of manifest.parquet (from qfm ingest)")
+        if name == "study":
+            study.add_argument("--rows", help="YAML: rows (name: {section.key: value}) and reference (a row "
+                                              "name; default the first row); default: baseline and qfm")
+        study.add_argument("--splits", help="comma-separated split columns (default: all of the manifest's)")
+        study.add_argument("--out", required=True, help="output folder for study.json, study.md and the plot")
+        study.add_argument("--units", help="folder of the units of work (default OUT/units); studies that share "
+                                           "it share their units (teachers, pools, banks, models)")
+        study.add_argument("--params", metavar="FILE", help="read parameters from this params.yaml")
+        study.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                           help="override one parameter for every row (repeatable)")
+        study.add_argument("--jobs", type=int, default=1, help="splits run side by side in this many processes "
+                                                                "(torch threads split between them)")
+        study.add_argument("--quiet", action="store_true", help="no progress lines")
+        study.set_defaults(func=cmd_study)
     score = sub.add_parser("score", help="score image files or folders with a trained model",
                            description="Quality scores in [0, 1] (higher = better) by the deterministic multi-crop "
                                        "test. Unreadable images are listed with their error and make the exit "
@@ -292,7 +343,8 @@ def _add_training_steps(sub) -> None:
                                                        "models:/NAME@ALIAS (MLflow at $MLFLOW_TRACKING_URI)")
     score.add_argument("--out", help="output .csv or .json (default: CSV on standard output)")
     score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    score.add_argument("--workers", type=int, default=2, help="decoding worker processes (default 2)")
+    score.add_argument("--workers", type=_workers, default="auto",
+                       help="decoding worker processes, or auto (default: none on a CPU under 8 cores)")
     score.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=cmd_score)
@@ -300,7 +352,7 @@ def _add_training_steps(sub) -> None:
 
 S3_FOLDER_INPUTS = ("manifest", "teacher", "pseudo", "bank", "model", "eval")
 S3_FOLDER_OUT = {"ingest", "demo-data", "train-teacher", "pseudo-label", "build-bank", "train-student", "evaluate",
-                 "protocol", "promote"}
+                 "promote"}
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:

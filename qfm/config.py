@@ -54,6 +54,7 @@ class RunParams:
 
     split: str = "split_0"
     device: str = "auto"                # auto = CUDA when present, else CPU
+    threads: int = 0                    # torch's CPU threads; 0 = torch's default (every core)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class TrainParams:
     schedule: str = "cosine"
     clip_grad: float = 5.0
     select_metric: str = "srcc"         # chosen on the validation part, never on test
-    workers: int = 2
+    workers: int | str = "auto"         # DataLoader workers; auto: from the device and core count (qfm/runtime.py)
     seed: int = 0
     amp: bool = True                    # bf16 autocast on GPU; ignored on CPU
 
@@ -91,7 +92,10 @@ class StudentParams(TrainParams):
     lambda_pl: float = 0.5
     lambda_kd: float = 0.0
     temperature: float = 0.1
-    use_pseudo_labels: bool = True
+    positive_gap: float = 0.05          # contrastive positives: crops whose quality differs by at most this
+    resample_partners: bool = True      # a new random partner for each anchor every epoch; false: its nearest
+                                        # free partner in the pair table's rank order
+    use_pseudo_labels: bool = True      # DLE: train on the kept pseudo-labels (lambda_pl 0 also leaves them out)
     allow_empty_pairs: bool = False     # train without QCC when the pair table is empty
 
 
@@ -106,7 +110,7 @@ class PseudoLabelParams:
     max_uncertainty: float | None = None  # and/or an absolute cap on the crop spread
     skip_unreadable: bool = False       # true: list unreadable pool images and go on; false: stop naming them
     batch_size: int = 16
-    workers: int = 2
+    workers: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ class BankParams:
     """SNM: teacher-encoder embeddings of the training images, a faiss index, noise-partner mining."""
 
     rule: str = "aliasing"              # aliasing | semantic (see docs/method.md)
+    descriptor: str = "teacher"         # teacher: the fine-tuned teacher's backbone; backbone: the pretrained
+                                        # encoder before fine-tuning (semantic, ImageNet features)
     k: int = 32
     tau: float = 0.2                    # aliasing: |quality gap| >= tau
     delta: float = 0.05                 # semantic: |quality gap| <= delta
@@ -122,7 +128,7 @@ class BankParams:
     ann_threshold: int = 50000          # auto: exact below, IVF above (recall measured and reported)
     include_pseudo: bool = True
     batch_size: int = 16
-    workers: int = 2
+    workers: int | str = "auto"
 
 
 @dataclass(frozen=True)

@@ -117,12 +117,13 @@ def partner_mask(partner_index: torch.Tensor, n: int | None = None, symmetric: b
     return mask
 
 
-def contrastive_pairs(quality: torch.Tensor, negative_mask: torch.Tensor,
-                      positive_gap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def contrastive_pairs(quality: torch.Tensor, negative_mask: torch.Tensor, positive_gap: float,
+                      positive_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(positives, negatives, valid anchors) for ``quality_contrastive_loss``.
 
-    positives[i, j]: j != i, |q_i - q_j| <= positive_gap, and j is not i's negative; negatives = the mask
-    as given (diagonal cleared); an anchor is valid when it has at least one of each.
+    positives[i, j]: j != i, j is not i's negative, and |q_i - q_j| <= positive_gap or positive_mask[i, j]
+    (pairs known to share quality, e.g. SNM semantic partners); negatives = the mask as given (diagonal
+    cleared); an anchor is valid when it has at least one of each.
     """
     q = _flat(quality, "quality")
     n = q.shape[0]
@@ -133,18 +134,25 @@ def contrastive_pairs(quality: torch.Tensor, negative_mask: torch.Tensor,
         raise ConfigError(f"positive_gap must be >= 0, got {positive_gap}")
     eye = torch.eye(n, dtype=torch.bool, device=q.device)
     neg = neg & ~eye
-    pos = ((q[:, None] - q[None, :]).abs() <= positive_gap) & ~eye & ~neg
+    pos = (q[:, None] - q[None, :]).abs() <= positive_gap
+    if positive_mask is not None:
+        extra = torch.as_tensor(positive_mask, dtype=torch.bool, device=q.device)
+        if extra.shape != (n, n):
+            raise ConfigError(f"positive_mask must have shape ({n}, {n}) for {n} samples, got {tuple(extra.shape)}")
+        pos = pos | extra
+    pos = pos & ~eye & ~neg
     valid = pos.any(dim=1) & neg.any(dim=1)
     return pos, neg, valid
 
 
 def quality_contrastive_loss(features: torch.Tensor, quality: torch.Tensor, negative_mask: torch.Tensor,
-                             temperature: float = 0.1, positive_gap: float = 0.05) -> torch.Tensor:
+                             temperature: float = 0.1, positive_gap: float = 0.05,
+                             positive_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Quality-aware InfoNCE on L2-normalised projected features.
 
     With s_ij the cosine similarity of rows i and j divided by ``temperature``, P_i and N_i from
-    ``contrastive_pairs`` (positives: quality within ``positive_gap``; negatives: the SNM aliasing partners
-    in ``negative_mask``, an (N, N) bool mask, e.g. from ``partner_mask``):
+    ``contrastive_pairs`` (positives: quality within ``positive_gap`` or marked in ``positive_mask``;
+    negatives: ``negative_mask``, an (N, N) bool mask, e.g. the SNM aliasing partners from ``partner_mask``):
 
         l_i = mean_{p in P_i} -log( exp(s_ip) / (exp(s_ip) + sum_{n in N_i} exp(s_in)) )
 
@@ -158,7 +166,8 @@ def quality_contrastive_loss(features: torch.Tensor, quality: torch.Tensor, nega
     q = _flat(quality, "quality").to(features.device)
     if q.shape[0] != features.shape[0]:
         raise ConfigError(f"features has {features.shape[0]} rows but quality has {q.shape[0]}")
-    pos, neg, valid = contrastive_pairs(q, torch.as_tensor(negative_mask, device=features.device), positive_gap)
+    pos, neg, valid = contrastive_pairs(q, torch.as_tensor(negative_mask, device=features.device), positive_gap,
+                                        positive_mask)
     if not bool(valid.any()):
         return features.sum() * 0.0
     z = F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)

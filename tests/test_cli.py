@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def qfm(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The qfm command in a subprocess, on one torch thread (two spinning OpenMP threads crawl on a busy
+    2-core machine; no result here depends on the thread count)."""
     return subprocess.run([sys.executable, "-m", "qfm.cli", *args], capture_output=True, text=True, cwd=cwd, check=False,
-                          timeout=300)
+                          timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
 def write_csv_dataset(root: Path, n: int = 10, size: int = 240) -> Path:

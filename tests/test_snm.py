@@ -12,9 +12,9 @@ import pytest
 from qfm.errors import ConfigError, DataError
 from qfm.snm import (
     PAIR_COLUMNS,
-    build_bank,
     build_index,
     configure_faiss,
+    index_and_mine,
     load_bank,
     load_pairs,
     measure_recall,
@@ -304,11 +304,11 @@ def test_bank_round_trip(tmp_path, kind):
     assert sum(map(len, by_anchor.values())) == len(pairs)
 
 
-def test_build_bank_in_one_call(tmp_path):
+def test_index_and_mine_in_one_call(tmp_path):
     x = clustered(400)
     meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(400)], "content_id": [f"i{i}" for i in range(400)],
                          "quality": np.random.default_rng(0).uniform(0, 1, 400), "is_pseudo": False})
-    summary = build_bank(tmp_path, x, meta, rule="semantic", k=8, delta=0.1)
+    summary = index_and_mine(tmp_path, x, meta, rule="semantic", k=8, delta=0.1)
     files = {p.name for p in tmp_path.iterdir()}
     assert files == {"index.faiss", "embeddings.npy", "bank.parquet", "pairs.parquet", "summary.json"}
     assert summary["rule"] == "semantic" and summary["index"]["kind"] == "exact"

@@ -36,6 +36,25 @@ DEFAULT_MAXFEV = 100_000
 #: The per-split metrics that ``aggregate`` summarises, in report order.
 METRIC_KEYS = ("srcc", "krcc", "plcc_raw", "plcc_logistic", "rmse_raw", "rmse_logistic")
 PARAM_NAMES = ("b1", "b2", "b3", "b4")
+#: Which way each metric improves (+1: higher is better, -1: lower is better); model selection and the
+#: promotion gate both read it.
+METRIC_DIRECTION = {"srcc": 1, "krcc": 1, "plcc_raw": 1, "plcc_logistic": 1, "rmse_raw": -1, "rmse_logistic": -1}
+
+
+def check_metric(name: str, what: str) -> str:
+    """The metric name, or a ConfigError naming the parameter (`what`) and the metrics it may be."""
+    if name not in METRIC_DIRECTION:
+        raise ConfigError(f"{what} '{name}' is not a metric; use one of {sorted(METRIC_DIRECTION)} "
+                          "(rmse_*: lower is better, the others: higher)")
+    return name
+
+
+def gain(metric: str, new: float | None, old: float | None) -> float | None:
+    """How much better `new` is than `old` on `metric` (positive: better, whichever way the metric runs);
+    None when either value is missing or not finite (a metric that could not be computed)."""
+    if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (new, old)):
+        return None
+    return METRIC_DIRECTION[check_metric(metric, "metric")] * (float(new) - float(old))
 
 
 def check_inputs(pred: Sequence[float] | np.ndarray, mos: Sequence[float] | np.ndarray,

@@ -146,3 +146,26 @@ def training_curves_plot(path_png: str | Path, history: Sequence[Mapping]) -> Pa
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     return _save(fig, path_png)
+
+
+def paired_differences_plot(path_png: str | Path, study: Mapping) -> Path:
+    """Per-split test SRCC differences of each row with the reference (dots), their mean (diamond) and 95%
+    intervals (thick: bootstrap over splits; thin: t-interval); one line per row, zero marked."""
+    compared = [e for e in study["rows"] if e.get("vs_reference")]
+    fig = _new_figure(7.0, 1.2 + 0.6 * max(1, len(compared)))
+    ax = fig.add_subplot(1, 1, 1)
+    for y, entry in enumerate(reversed(compared)):
+        d = entry["vs_reference"]["test_srcc"]
+        if d["n"] == 0:
+            continue
+        ax.scatter(d["differences"], [y] * d["n"], s=14, color="0.45", zorder=3)
+        for interval, width in ((d["ci_t"], 1.0), (d["ci_bootstrap"], 4.0)):
+            if interval is not None:
+                ax.plot(interval, [y, y], color="tab:blue", linewidth=width, solid_capstyle="butt", zorder=2)
+        ax.scatter([d["mean"]], [y], marker="D", s=36, color="tab:red", zorder=4)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(compared)), [e["row"] for e in reversed(compared)])
+    ax.set_ylim(-0.7, len(compared) - 0.3)
+    ax.set_xlabel(f"test SRCC minus '{study['reference']}' (per split; mean and 95% CIs)")
+    ax.set_title(f"Paired differences over {len(study['splits'])} splits", fontsize=10)
+    return _save(fig, path_png)

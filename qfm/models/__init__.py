@@ -1,4 +1,4 @@
-"""Models: any timm backbone as a token encoder, the attention-panel decoder, the registry, weight loading.
+"""Models: any timm backbone as a token encoder, the attention-panel decoder, the model factory (``create_model``), weight loading.
 
     from qfm.models import create_model
     model = create_model("qfm_mobilenetv2")          # ImageNet weights from the installed package
@@ -8,7 +8,7 @@
 
 from qfm.models.backbone import Backbone
 from qfm.models.decoder import AttentionPanelDecoder
-from qfm.models.registry import (
+from qfm.models.factory import (
     QfmIqm,
     Tokens,
     create_model,

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qfm.errors import ConfigError
-
-LOWER_IS_BETTER = frozenset({"rmse_raw", "rmse_logistic"})
-HIGHER_IS_BETTER = frozenset({"srcc", "krcc", "plcc_raw", "plcc_logistic"})
+from qfm.eval.metrics import check_metric as check_metric_name
+from qfm.eval.metrics import gain as metric_gain
 
 
 @dataclass(frozen=True)
@@ -17,9 +16,7 @@ class Decision:
 
 
 def check_metric(metric: str) -> None:
-    if metric not in LOWER_IS_BETTER | HIGHER_IS_BETTER:
-        raise ConfigError(f"promote.metric '{metric}' is not a validation metric; use one of "
-                          f"{sorted(LOWER_IS_BETTER | HIGHER_IS_BETTER)}")
+    check_metric_name(metric, "promote.metric")
 
 
 def decide(metric: str, margin: float, challenger: float, champion: float | None, champion_version: str | None = None,
@@ -31,8 +28,10 @@ def decide(metric: str, margin: float, challenger: float, champion: float | None
         raise ConfigError(f"promote.margin must be >= 0, got {margin}")
     if champion is None:
         return Decision(True, f"promoted: no champion yet (val {metric} {challenger:.4f})")
-    lower = metric in LOWER_IS_BETTER
-    gain = champion - challenger if lower else challenger - champion
+    gain = metric_gain(metric, challenger, champion)
+    if gain is None:
+        return Decision(False, f"refused: val {metric} of the challenger ({challenger}) or of champion "
+                               f"v{champion_version} ({champion}) could not be computed; champion stays")
     numbers = (f"val {metric} {challenger:.4f} vs champion v{champion_version}'s {champion:.4f} "
                f"on data version {data_version}")
     if gain > margin:

@@ -4,7 +4,7 @@ Input columns (one of them per row): `path`, an image file the server can read, 
 file's bytes (base64 text in a JSON request; MLflow decodes binary columns). Output columns: `score`
 (0-1, higher = better, the deterministic multi-crop test of `qfm score`), `crop_std`, `error` (None, or
 why the row's image could not be read). The model's artifact is the checkpoint folder (best.pt and its
-checksum); scoring is qfm.steps.score's, so `mlflow models serve` and `qfm score` give the same numbers.
+checksum); scoring is qfm.inference's, as for `qfm score`, so `mlflow models serve` and `qfm score` give the same numbers.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ class QfmScorer(mlflow.pyfunc.PythonModel):
     """Loads best.pt once; predict scores a DataFrame with a `path` and/or an `image` column."""
 
     def load_context(self, context) -> None:
-        from qfm.steps.score import load_scoring_model
+        from qfm.runtime import resolve_device
+        from qfm.train.fit import load_trained_model
 
         self.device = os.environ.get(DEVICE_ENV, "auto")
-        self.model, self.state = load_scoring_model(Path(context.artifacts[ARTIFACT]) / "best.pt", self.device)
+        path = Path(context.artifacts[ARTIFACT]) / "best.pt"
+        self.model, self.state = load_trained_model(path, resolve_device(self.device))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return score_frame(self.model, self.state, model_input, device=self.device)
@@ -48,7 +50,7 @@ class QfmScorer(mlflow.pyfunc.PythonModel):
 def score_frame(model: nn.Module, state: dict, frame: pd.DataFrame, *, device: str = "auto",
                 batch_size: int = 16) -> pd.DataFrame:
     """Score each row's image (bytes in `image`, else the file in `path`); rows keep their order."""
-    from qfm.steps.score import score_files
+    from qfm.inference import score_files
 
     if not isinstance(frame, pd.DataFrame) or not {"path", "image"} & set(frame.columns):
         got = list(frame.columns) if isinstance(frame, pd.DataFrame) else type(frame).__name__

@@ -173,7 +173,7 @@ def partners_by_anchor(pairs: pd.DataFrame) -> dict[str, list[str]]:
     return dict(zip(anchors[starts].tolist(), (p.tolist() for p in np.split(partners, starts[1:]))))
 
 
-def build_bank(out_dir: str | Path, embeddings: np.ndarray, meta_frame: pd.DataFrame, *, rule: str = "aliasing",
+def index_and_mine(out_dir: str | Path, embeddings: np.ndarray, meta_frame: pd.DataFrame, *, rule: str = "aliasing",
                k: int = 32, tau: float = 0.2, delta: float = 0.05, max_partners: int = 4,
                index_options: Mapping | None = None, omp_threads: int | None = None) -> dict:
     """Index, mine and save a bank in one call; returns the summary that was written (with ``bank``).

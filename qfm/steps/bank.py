@@ -1,20 +1,37 @@
-"""build-bank (SNM): frozen-teacher embeddings of every training image (labelled train part + kept
-pseudo-labels; never a val or test image), a faiss index and the noise-partner pair table."""
+"""build-bank (SNM): embeddings of every training image (labelled train part + kept pseudo-labels; never a
+val or test image), a faiss index and the noise-partner pair table.
+
+The descriptor (build_bank.descriptor) is the L2-normalised global feature of either the fine-tuned
+teacher's encoder ('teacher'), whose features already encode quality, or the same pretrained encoder
+before fine-tuning ('backbone'): ImageNet features, the semantic ones the paper matches on."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pandas as pd
+import torch
+from torch import nn
 
 from qfm.config import BankParams, RunParams
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
-from qfm.snm.bank import build_bank as index_and_mine
+from qfm.errors import ConfigError
+from qfm.models import create_model
+from qfm.runtime import loader_workers, setup
+from qfm.snm.bank import index_and_mine
 from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import tracked
-from qfm.train.engine import embed, resolve_device
+from qfm.train.engine import embed
 from qfm.train.fit import load_trained_model
+
+DESCRIPTORS = ("teacher", "backbone")
+
+
+def pretrained_encoder(teacher_params: dict, device) -> nn.Module:
+    """The model the teacher was fine-tuned from, with the same pretrained weights, in eval mode."""
+    model = create_model(teacher_params["model"], **teacher_params.get("model_options", {}))
+    return model.to(device).to(memory_format=torch.channels_last).eval()
 
 
 @tracked("build_bank", inputs=("manifest_dir", "teacher_dir", "pseudo_dir"), outputs=("summary.json",))
@@ -22,13 +39,17 @@ def build_bank(manifest_dir: str | Path, teacher_dir: str | Path, pseudo_dir: st
                out_dir: str | Path, params: BankParams, run: RunParams, *, progress: bool = True) -> dict:
     """Embed, index, mine; writes index.faiss, embeddings.npy, bank.parquet, pairs.parquet, summary.json."""
     manifest = manifest_for_split(manifest_dir, run.split)
-    pseudo = read_pseudo_labels(pseudo_dir if params.include_pseudo else None)
+    pseudo = read_pseudo_labels(pseudo_dir if params.include_pseudo else None, manifest.root)
     table = training_manifest(manifest, run.split, pseudo)
-    device = resolve_device(run.device)
-    teacher, state = load_trained_model(model_path(teacher_dir), device)
+    if params.descriptor not in DESCRIPTORS:
+        raise ConfigError(f"build_bank.descriptor '{params.descriptor}' is not one of {DESCRIPTORS}")
+    device = setup(run)
+    encoder, state = load_trained_model(model_path(teacher_dir), device)
+    if params.descriptor == "backbone":
+        encoder = pretrained_encoder(state["params"], device)
     dataset = ManifestCropDataset(table, TRAIN_COLUMN, "train", CropConfig(**state["crop"]), train=False)
-    index, embeddings = embed(teacher, make_loader(dataset, params.batch_size, params.workers), device,
-                              progress=progress)
+    loader = make_loader(dataset, params.batch_size, loader_workers(params.workers, device))
+    index, embeddings = embed(encoder, loader, device, progress=progress)
     frame = table.frame.iloc[dataset.row_positions[index]]
     meta = pd.DataFrame({"image_id": frame["image_id"].astype(str).to_numpy(),
                          "content_id": frame["content_id"].astype(str).to_numpy(),
@@ -37,7 +58,7 @@ def build_bank(manifest_dir: str | Path, teacher_dir: str | Path, pseudo_dir: st
     summary = index_and_mine(out_dir, embeddings, meta, rule=params.rule, k=params.k, tau=params.tau,
                              delta=params.delta, max_partners=params.max_partners,
                              index_options={"kind": params.index, "ann_threshold": params.ann_threshold})
-    summary |= {"split": run.split, "n_labelled": int((~meta["is_pseudo"]).sum()),
+    summary |= {"split": run.split, "descriptor": params.descriptor, "n_labelled": int((~meta["is_pseudo"]).sum()),
                 "n_pseudo": int(meta["is_pseudo"].sum())}
     write_json(Path(out_dir) / "summary.json", summary)
     return summary

@@ -54,10 +54,3 @@ def training_manifest(manifest: Manifest, split: str, pseudo: pd.DataFrame) -> M
                         f"{frame.loc[clash, 'image_id'].head(5).tolist()}; give the pool its own folder")
     frame[TRAIN_COLUMN] = "train"
     return Manifest(frame=frame, root=manifest.root, meta=manifest.meta)
-
-
-def recording_errors(loader, errors: dict[int, str]):
-    """Pass an ImageListDataset loader's batches through, noting each image that failed to decode."""
-    for batch in loader:
-        errors.update({i: e for i, e in zip(batch["index"].tolist(), batch["error"]) if e})
-        yield batch

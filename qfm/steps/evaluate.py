@@ -10,23 +10,24 @@ from qfm.config import RunParams
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
 from qfm.eval.metrics import compute_metrics
 from qfm.eval.report import scatter_plot, write_metrics_json
+from qfm.runtime import loader_workers, setup
 from qfm.steps.common import manifest_for_split, model_path
 from qfm.tracking import tracked
-from qfm.train.engine import predict, resolve_device
+from qfm.train.engine import predict
 from qfm.train.fit import load_trained_model
 
 
 @tracked("evaluate", inputs=("manifest_dir", "model_dir"), params=("run", "part"),
          outputs=("metrics.json", "predictions.csv", "scatter.png"))
 def evaluate(manifest_dir: str | Path, model_dir: str | Path, out_dir: str | Path, run: RunParams, *,
-             part: str = "test", batch_size: int = 16, workers: int = 2, progress: bool = True) -> dict:
+             part: str = "test", batch_size: int = 16, workers: int | str = "auto", progress: bool = True) -> dict:
     """Writes metrics.json (SRCC, KRCC, PLCC raw and logistic-fitted, RMSE), predictions.csv, scatter.png."""
     manifest = manifest_for_split(manifest_dir, run.split)
-    device = resolve_device(run.device)
+    device = setup(run)
     model, state = load_trained_model(model_path(model_dir), device)
     dataset = ManifestCropDataset(manifest, run.split, part, CropConfig(**state["crop"]), train=False)
-    index, pred, spread = predict(model, make_loader(dataset, batch_size, workers), device, progress=progress,
-                                  desc=f"evaluate {part}")
+    loader = make_loader(dataset, batch_size, loader_workers(workers, device))
+    index, pred, spread = predict(model, loader, device, progress=progress, desc=f"evaluate {part}")
     mos = dataset.mos[index]
     metrics = compute_metrics(pred, mos)
     out_dir = Path(out_dir)

@@ -41,7 +41,7 @@ PROMOTION_TAG = "qfm.promotion"
 
 def promote(model_dir: str | Path, manifest_dir: str | Path, out_dir: str | Path, params: PromoteParams,
             run: RunParams, *, eval_dir: str | Path | None = None, tracking: TrackingParams | None = None,
-            workers: int = 2, progress: bool = True) -> dict:
+            workers: int | str = "auto", progress: bool = True) -> dict:
     """Register model_dir/best.pt as `params.model_name`, alias it `challenger`, and `champion` if it passes
     the gate; writes out_dir/promotion.json and returns the same dict. MLflow at $MLFLOW_TRACKING_URI, else
     `tracking.uri` (None: the project's SQLite store); the promote run is logged even if tracking.enabled is
@@ -113,7 +113,7 @@ def _register(client, tracker, checkpoint: Path, sha: str, params: PromoteParams
     return version
 
 
-def _val_metrics(manifest_dir: str | Path, model_dir: str | Path, run: RunParams, workers: int,
+def _val_metrics(manifest_dir: str | Path, model_dir: str | Path, run: RunParams, workers: int | str,
                  progress: bool) -> dict[str, float]:
     """A model's metrics on the split's validation part (the deterministic multi-crop test of `evaluate`)."""
     from qfm.steps.evaluate import evaluate
@@ -149,7 +149,7 @@ def _train_run(client, sha: str) -> str:
 
 
 def _gate(client, params: PromoteParams, run: RunParams, manifest_dir, version, champion, challenger_value: float,
-          data_version: str, workers: int, progress: bool):
+          data_version: str, workers: int | str, progress: bool):
     """The decision and the champion's value it used (recorded on equal data, else re-measured)."""
     from qfm.registry.versions import version_checkpoint
 

@@ -3,6 +3,8 @@ with each anchor perturbed by its SNM partner's tokens (T' = T + alpha * N) and 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -13,11 +15,12 @@ from qfm.data.torch_dataset import ManifestCropDataset, make_loader
 from qfm.errors import DataError
 from qfm.eval.report import training_curves_plot
 from qfm.losses import LossWeights
+from qfm.runtime import loader_workers, setup
 from qfm.snm.bank import load_pairs
 from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import TRAINING_OUTPUTS, tracked
-from qfm.train.engine import predict, resolve_device
+from qfm.train.engine import predict
 from qfm.train.fit import build_model, crop_config, fit, load_trained_model
 from qfm.train.sampler import PairBatches, ShuffledBatches
 from qfm.train.steps import QccStep
@@ -37,14 +40,17 @@ def partner_indices(pairs, image_ids: list[str]) -> dict[int, list[int]]:
     return out
 
 
-def load_partners(bank_dir: str | Path | None, params: StudentParams, image_ids: list[str]) -> dict[int, list[int]]:
-    """Partners for QCC; an empty or missing table is an error unless allow_empty_pairs says to go on."""
-    if not params.qcc or params.lambda_qcc == 0 and params.lambda_con == 0:
-        return {}
+def load_partners(bank_dir: str | Path | None, params: StudentParams,
+                  image_ids: list[str]) -> tuple[dict[int, list[int]], str]:
+    """Partners for QCC and the rule that mined them; an empty or missing table is an error unless
+    allow_empty_pairs says to go on."""
+    if not uses_qcc(params):
+        return {}, "aliasing"
     try:
         if bank_dir is None:
             raise DataError("train_student.qcc is on but no bank folder was given (run `qfm build-bank`)")
-        partners = partner_indices(load_pairs(Path(bank_dir) / PAIRS_FILE), image_ids)
+        pairs = load_pairs(Path(bank_dir) / PAIRS_FILE)
+        partners = partner_indices(pairs, image_ids)
         if not partners:
             raise DataError(f"no pair of {Path(bank_dir) / PAIRS_FILE} joins two images of this training set")
     except DataError as exc:
@@ -52,8 +58,18 @@ def load_partners(bank_dir: str | Path | None, params: StudentParams, image_ids:
             raise DataError(f"{exc}. QCC needs noise partners: loosen build_bank.tau/delta or raise k, or set "
                             "train_student.allow_empty_pairs: true to train without QCC") from exc
         warnings.warn(f"training the student without QCC: {exc}", stacklevel=2)
-        return {}
-    return partners
+        return {}, "aliasing"
+    return partners, str(pairs["rule"].iloc[0])
+
+
+def uses_qcc(params: StudentParams) -> bool:
+    """QCC (and the contrastive term on its partners) is on and weighted."""
+    return params.qcc and (params.lambda_qcc > 0 or params.lambda_con > 0)
+
+
+def uses_pseudo_labels(params: StudentParams) -> bool:
+    """DLE reaches the student only when asked for and weighted: lambda_pl 0 leaves pseudo-labels out."""
+    return params.use_pseudo_labels and params.lambda_pl > 0
 
 
 @tracked("train_student", inputs=("manifest_dir", "teacher_dir", "pseudo_dir", "bank_dir"), outputs=TRAINING_OUTPUTS,
@@ -63,44 +79,55 @@ def train_student(manifest_dir: str | Path, out_dir: str | Path, params: Student
                   bank_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
                   on_epoch=None) -> dict:
     """Train the student; writes best.pt, last.pt, history.json, training_curves.png, summary.json."""
+    device = setup(run)
     manifest = manifest_for_split(manifest_dir, run.split)
-    pseudo = read_pseudo_labels(pseudo_dir if params.use_pseudo_labels else None)
+    pseudo = read_pseudo_labels(pseudo_dir if uses_pseudo_labels(params) else None, manifest.root)
     table = training_manifest(manifest, run.split, pseudo)
     model = build_model(params)
     crops = crop_config(params, model)
     train_set = ManifestCropDataset(table, TRAIN_COLUMN, "train", crops, train=True, seed=params.seed)
     val_set = ManifestCropDataset(manifest, run.split, "val", crops, train=False)
     is_pseudo = table.frame["is_pseudo"].to_numpy(dtype=bool)[train_set.row_positions]
-    partners = load_partners(bank_dir, params, train_set.image_ids)
+    partners, rule = load_partners(bank_dir, params, train_set.image_ids)
     teacher_scores = None
     if params.lambda_kd > 0:
-        teacher_scores = _teacher_scores(teacher_dir, table, crops, run, params)
+        teacher_scores = _teacher_scores(teacher_dir, table, crops, device, params)
     weights = LossWeights(lambda_qcc=params.lambda_qcc, lambda_con=params.lambda_con, lambda_pl=params.lambda_pl,
                           lambda_kd=params.lambda_kd)
     step = QccStep(partners, is_pseudo, weights, qcc=bool(partners), alpha=params.alpha, mode=params.qcc_mode,
-                   temperature=params.temperature, teacher_scores=teacher_scores)
-    sampler = (PairBatches(len(train_set), params.batch_size, partners, params.seed) if partners
-               else ShuffledBatches(len(train_set), params.batch_size, params.seed))
-    result = fit(model, train_set, val_set, step, params, out_dir, device=run.device, resume=resume,
-                 progress=progress, batch_sampler=sampler, on_epoch=on_epoch)
+                   temperature=params.temperature, positive_gap=params.positive_gap, rule=rule,
+                   teacher_scores=teacher_scores)
+    sampler = (PairBatches(len(train_set), params.batch_size, partners, params.seed, resample=params.resample_partners)
+               if partners else ShuffledBatches(len(train_set), params.batch_size, params.seed))
+    inputs = {"partners": _digest(sorted((a, list(p)) for a, p in partners.items())) + rule,
+              "teacher_scores": _digest(None if teacher_scores is None else teacher_scores.tolist())}
+    result = fit(model, train_set, val_set, step, params, out_dir, device=device, resume=resume,
+                 progress=progress, batch_sampler=sampler, on_epoch=on_epoch, inputs=inputs)
     out_dir = Path(out_dir)
     training_curves_plot(out_dir / "training_curves.png", result.history)
+    pairs_trained = [int(r.get("n_qcc_pairs", 0)) for r in result.history]
     summary = {"split": run.split, "model": params.model, "weights": model.weights_source,
                "best_epoch": result.best_epoch, "selected_on": f"val {params.select_metric}", "val": result.best_val,
                "n_labelled": int((~is_pseudo).sum()), "n_pseudo": int(is_pseudo.sum()),
-               "qcc": bool(partners), "n_anchors_with_partners": len(partners), "seconds": round(result.seconds, 1)}
+               "qcc": bool(partners), "rule": rule if partners else None,
+               "n_anchors_with_partners": len(partners), "qcc_pairs_per_epoch": pairs_trained,
+               "seconds": round(result.seconds, 1)}
     write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def _teacher_scores(teacher_dir, table, crops, run: RunParams, params: StudentParams) -> np.ndarray:
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def _teacher_scores(teacher_dir, table, crops, device, params: StudentParams) -> np.ndarray:
     """The frozen teacher's multi-crop score of every training image (for the distillation term)."""
     if teacher_dir is None:
         raise DataError("train_student.lambda_kd > 0 needs the teacher: pass the teacher's folder")
-    device = resolve_device(run.device)
     teacher, _ = load_trained_model(model_path(teacher_dir), device)
     images = ManifestCropDataset(table, TRAIN_COLUMN, "train", crops, train=False)
-    index, score, _ = predict(teacher, make_loader(images, params.batch_size, params.workers), device,
+    workers = loader_workers(params.workers, device)
+    index, score, _ = predict(teacher, make_loader(images, params.batch_size, workers), device,
                               progress=False, desc="teacher scores")
     out = np.zeros(len(images), dtype=np.float32)
     out[index] = score

@@ -7,6 +7,7 @@ from pathlib import Path
 from qfm.config import RunParams, TrainParams
 from qfm.data.torch_dataset import ManifestCropDataset
 from qfm.eval.report import training_curves_plot
+from qfm.runtime import setup
 from qfm.steps.common import manifest_for_split, write_json
 from qfm.tracking import TRAINING_OUTPUTS, tracked
 from qfm.train.fit import build_model, crop_config, fit
@@ -22,7 +23,7 @@ def train_teacher(manifest_dir: str | Path, out_dir: str | Path, params: TrainPa
     crops = crop_config(params, model)
     train_set = ManifestCropDataset(manifest, run.split, "train", crops, train=True, seed=params.seed)
     val_set = ManifestCropDataset(manifest, run.split, "val", crops, train=False)
-    result = fit(model, train_set, val_set, plain_step, params, out_dir, device=run.device, resume=resume,
+    result = fit(model, train_set, val_set, plain_step, params, out_dir, device=setup(run), resume=resume,
                  progress=progress, on_epoch=on_epoch)
     out_dir = Path(out_dir)
     training_curves_plot(out_dir / "training_curves.png", result.history)

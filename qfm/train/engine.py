@@ -18,15 +18,7 @@ from qfm.losses import check_finite
 
 StepFn = Callable[[nn.Module, dict, torch.device], tuple[torch.Tensor, dict[str, float]]]
 SCHEDULES = ("cosine", "step", "constant")
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' was asked for but no CUDA GPU is available; use device: auto or cpu")
-    return torch.device(name)
+COUNT_PREFIX = "n_"  # a step log entry that counts things: summed over an epoch, not averaged
 
 
 def autocast(device: torch.device, enabled: bool = True):
@@ -71,13 +63,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, step_fn: StepFn, optim
                     scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, *, epoch: int,
                     clip_grad: float = 5.0, amp: bool = True, progress: bool = True,
                     on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """One pass over the loader; returns the mean of every logged loss part and the number of steps.
+    """One pass over the loader; returns the number of steps, every logged loss part averaged over the steps
+    that logged it (loss_qcc: over the steps that had anchor-partner pairs), and every count (a key that
+    starts with ``n_``, e.g. n_qcc_pairs) summed over the epoch.
 
     A non-finite loss stops training with the step and the batch's image ids named (NonFiniteLossError)
     before any optimiser update, so the last checkpoint stays good.
     """
     model.train()
     sums: dict[str, float] = {}
+    logged: dict[str, int] = {}
     steps = 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
     for batch in bar:
@@ -94,13 +89,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, step_fn: StepFn, optim
         steps += 1
         for key, value in log.items():
             sums[key] = sums.get(key, 0.0) + value
+            logged[key] = logged.get(key, 0) + 1
         bar.set_postfix(loss=f"{log['loss']:.4f}")
         if on_step is not None:
             on_step(global_step)
     if steps == 0:
         raise ConfigError("the training loader yielded no batch: the training part is empty or smaller "
                           "than one batch with drop_last")
-    return {key: value / steps for key, value in sums.items()} | {"steps": steps}
+    return {key: value if key.startswith(COUNT_PREFIX) else value / logged[key]
+            for key, value in sums.items()} | {"steps": steps}
 
 
 @torch.no_grad()

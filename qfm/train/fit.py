@@ -3,10 +3,12 @@ each epoch (model, optimiser, scheduler, RNG states, epoch, history) and exact r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,10 +19,11 @@ from torch.utils.data import DataLoader
 
 from qfm.config import TrainParams
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
-from qfm.errors import ConfigError
-from qfm.eval.metrics import compute_metrics
+from qfm.errors import ConfigError, DataError
+from qfm.eval.metrics import check_metric, compute_metrics, gain
 from qfm.faults import pause_point
 from qfm.models import create_model
+from qfm.runtime import loader_workers, resolve_device
 from qfm.train.checkpoint import (
     BEST,
     LAST,
@@ -30,10 +33,12 @@ from qfm.train.checkpoint import (
     seed_everything,
     set_rng_state,
 )
-from qfm.train.engine import StepFn, make_optimizer, make_scheduler, predict, resolve_device, train_one_epoch
+from qfm.train.engine import StepFn, make_optimizer, make_scheduler, predict, train_one_epoch
 from qfm.train.sampler import ShuffledBatches
 
 HISTORY = "history.json"
+#: Parameters that change how a run executes but not what it computes: a resume may differ in them.
+EXECUTION_ONLY = ("workers",)
 
 
 @dataclass
@@ -80,7 +85,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
         model = create_model(name, **config, pretrained=False, allow_random_init=True)
     model.load_state_dict(state["model"])
     check_normalisation(state["crop"], model, f"checkpoint {path}")
-    return model.to(device).eval(), state
+    return model.to(device).to(memory_format=torch.channels_last).eval(), state
 
 
 def _model_state(model: nn.Module, crop: CropConfig, epoch: int, val: dict, params: TrainParams) -> dict:
@@ -90,39 +95,84 @@ def _model_state(model: nn.Module, crop: CropConfig, epoch: int, val: dict, para
 
 def validation_metrics(model: nn.Module, loader: DataLoader, mos: np.ndarray, device: torch.device,
                        amp: bool, progress: bool) -> tuple[dict, np.ndarray]:
+    """Metrics on the validation part; {'error': why} when they cannot be computed (e.g. constant predictions)."""
     index, pred, _ = predict(model, loader, device, amp=amp, progress=progress, desc="validate")
-    return compute_metrics(pred, mos[index]), pred
+    try:
+        return compute_metrics(pred, mos[index]), pred
+    except DataError as exc:
+        return {"error": str(exc)}, pred
+
+
+def dataset_digest(dataset: ManifestCropDataset) -> str:
+    """SHA-256 of what a dataset trains or validates on: image ids, scores and crop settings."""
+    digest = hashlib.sha256(json.dumps([dataset.image_ids, asdict(dataset.config)], default=str).encode())
+    digest.update(np.ascontiguousarray(dataset.mos, dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
+def run_identity(params: TrainParams, train_set: ManifestCropDataset, val_set: ManifestCropDataset,
+                 inputs: Mapping[str, str] | None = None) -> dict:
+    """What a training run's result depends on: its parameters (not the execution-only ones), its data and
+    any other inputs the caller names (e.g. the student's partner table); stored in every last.pt."""
+    return {"params": {k: v for k, v in asdict(params).items() if k not in EXECUTION_ONLY},
+            "data": {"train": dataset_digest(train_set), "val": dataset_digest(val_set), **dict(inputs or {})}}
+
+
+def check_resumable(path: Path, recorded: dict | None, current: dict) -> None:
+    """Refuse to resume a checkpoint made with other parameters or other data, naming what differs."""
+    if recorded is None:
+        raise ConfigError(f"cannot resume {path}: it records no parameters or data (written by an older qfm), so "
+                          "it may belong to another run; delete it (or use another output folder) to start over")
+    changes = [f"{key}: {recorded['params'].get(key, '(unset)')!r} in the checkpoint, {value!r} now"
+               for key, value in current["params"].items() if recorded["params"].get(key, "(unset)") != value]
+    described = {"train": "the training images, scores or crop settings differ",
+                 "val": "the validation images, scores or crop settings differ"}
+    keys = sorted(set(current["data"]) | set(recorded["data"]))
+    changes += [described.get(key, f"the {key} differ") for key in keys
+                if current["data"].get(key) != recorded["data"].get(key)]
+    if changes:
+        raise ConfigError(f"cannot resume {path}: it was made with other parameters or data ("
+                          + "; ".join(changes) + "). Use another output folder, delete the checkpoint to start "
+                          "over, or resume with the parameters it was made with")
 
 
 def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropDataset, step_fn: StepFn,
-        params: TrainParams, out_dir: str | Path, *, device: str = "auto", resume: bool = False,
-        progress: bool = True, batch_sampler=None, on_epoch=None) -> FitResult:
-    """Train, validate each epoch, keep the best model by params.select_metric on the validation part."""
+        params: TrainParams, out_dir: str | Path, *, device: str | torch.device = "auto", resume: bool = False,
+        progress: bool = True, batch_sampler=None, on_epoch=None,
+        inputs: Mapping[str, str] | None = None) -> FitResult:
+    """Train, validate each epoch, keep the best model by params.select_metric on the validation part.
+
+    The best epoch is the one whose validation metric is best in the metric's own direction (RMSE: lowest);
+    an epoch whose metric could not be computed is never chosen. `inputs` names other inputs the result
+    depends on (digests); `resume` continues OUT/last.pt only if it was made with the same parameters,
+    data and inputs."""
     started = time.perf_counter()
+    check_metric(params.select_metric, "select_metric")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_normalisation(train_set.config, model, "the training dataset")
     check_normalisation(val_set.config, model, "the validation dataset")
     device = resolve_device(device)
     seed_everything(params.seed)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on GPU and CPU alike
     if batch_sampler is None:  # order from (seed, epoch) only, so a resumed run sees the same batches
         batch_sampler = ShuffledBatches(len(train_set), params.batch_size, params.seed)
-    train_loader = make_loader(train_set, workers=params.workers, batch_sampler=batch_sampler)
-    val_loader = make_loader(val_set, params.batch_size, params.workers)
+    workers = loader_workers(params.workers, device, name="workers")
+    train_loader = make_loader(train_set, workers=workers, batch_sampler=batch_sampler)
+    val_loader = make_loader(val_set, params.batch_size, workers)
     steps_per_epoch = len(train_loader)
     optimizer = make_optimizer(model, params.lr, params.weight_decay)
     scheduler = make_scheduler(optimizer, params.epochs * steps_per_epoch,
                                round(params.warmup_epochs * steps_per_epoch), params.schedule,
                                step_every=max(1, steps_per_epoch * max(1, params.epochs // 3)))
     history: list[dict] = []
-    best = {"epoch": -1, "score": -np.inf, "val": {}}
+    best = {"epoch": -1, "value": None, "val": {}}
     start_epoch = 0
     last_path = out_dir / LAST
+    identity = run_identity(params, train_set, val_set, inputs)
     if resume and last_path.exists():
         state = load_checkpoint(last_path)
+        check_resumable(last_path, state.get("identity"), identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -137,19 +187,25 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
                                     clip_grad=params.clip_grad, amp=params.amp, progress=progress,
                                     on_step=_pause_after_step)
         val, _ = validation_metrics(model, val_loader, val_mos, device, params.amp, progress)
-        score = val[params.select_metric]
-        record = {"epoch": epoch, **train_log, **{f"val_{k}": v for k, v in val.items() if _is_number(v)},
-                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - epoch_started}
+        value = val.get(params.select_metric)
+        val_log = {f"val_{k}": v for k, v in val.items() if _is_number(v) or k == "error"}
+        record = {"epoch": epoch, **train_log, **val_log, "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.perf_counter() - epoch_started}
         history.append(record)
-        if score > best["score"]:
-            best = {"epoch": epoch, "score": score, "val": val}
+        if _is_finite(value) and (best["value"] is None or gain(params.select_metric, value, best["value"]) > 0):
+            best = {"epoch": epoch, "value": value, "val": val}
             save_checkpoint(_model_state(model, train_set.config, epoch, val, params), out_dir / BEST)
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
-                         "history": history, "best": best}, last_path)
+                         "history": history, "best": best, "identity": identity}, last_path)
         (out_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
         if on_epoch is not None:
             on_epoch(record)
+    if best["epoch"] < 0:
+        raise DataError(f"no epoch of {out_dir} could be scored on the validation part by {params.select_metric} "
+                        f"(last epoch: {history[-1].get('val_error', 'no value') if history else 'none run'}); "
+                        "choose another select_metric (srcc is always defined for varied predictions) or check "
+                        "the validation part")
     return FitResult(best_epoch=best["epoch"], best_val=best["val"], history=history, model_path=out_dir / BEST,
                      seconds=time.perf_counter() - started)
 
@@ -160,3 +216,7 @@ def _pause_after_step(global_step: int) -> None:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)

@@ -44,14 +44,16 @@ class PairBatches(ShuffledBatches):
     """Like ShuffledBatches, but an anchor's partner (a dataset index) follows it in the same batch.
 
     Each index still appears once per epoch: walking the shuffled order, an unused anchor takes one of its
-    unused partners (chosen at random) right after it. Anchors without an unused partner train alone.
+    unused partners right after it: one chosen at random (``resample``: a new draw every epoch) or the first
+    in the partner list's order (its nearest in rank). Anchors without an unused partner train alone.
     """
 
     def __init__(self, n: int, batch_size: int, partners: Mapping[int, Sequence[int]], seed: int = 0,
-                 drop_last: bool = True) -> None:
+                 drop_last: bool = True, resample: bool = True) -> None:
         if batch_size < 2:
             raise ConfigError(f"pair batches need batch_size >= 2 to hold an anchor and its partner, got {batch_size}")
         super().__init__(n, batch_size, seed, drop_last)
+        self.resample = resample
         self.partners = {int(a): [int(p) for p in ps if 0 <= int(p) < n and int(p) != int(a)]
                          for a, ps in partners.items()}
 
@@ -66,7 +68,7 @@ class PairBatches(ShuffledBatches):
             free = [p for p in self.partners.get(int(anchor), ()) if not used[p]]
             # keep a pair inside one batch: if only one slot is left, the anchor starts the next batch alone
             if free and len(order) % self.batch_size != self.batch_size - 1:
-                partner = free[rng.integers(len(free))]
+                partner = free[rng.integers(len(free))] if self.resample else free[0]
                 used[partner] = True
                 order += [int(anchor), int(partner)]
             else:

@@ -1,4 +1,4 @@
-"""The QFM-IQM model (encoder + attention-panel decoder) and the registry behind ``create_model(name, **kw)``."""
+"""The QFM-IQM model (encoder + attention-panel decoder) and the factory behind ``create_model(name, **kw)``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,361 @@
+"""study: rows of parameter overrides trained and tested on the same splits, compared by pairs.
+
+A row is a name and overrides (``section.key: value``) of the study's parameters. On each split a row runs
+the training chain: the teacher, then either a plain fine-tune (a row with every QFM part off) or DLE
+pseudo-labels, the SNM bank and the QCC student, then the test evaluation. Each piece is a unit of
+qfm.steps.units, keyed by its fingerprint, so rows share what they have in common (one teacher per split,
+one pool, one bank per bank setting; a plain row whose recipe equals the teacher's *is* the teacher) and a
+rerun recomputes only what changed.
+
+Every row is compared with the reference row on the same splits (qfm.eval.paired); the best row is the one
+with the best median validation SRCC, never chosen on test. Outputs: study.json, study.md and
+study_differences.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, fields, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from qfm.config import StudentParams, TrainParams, load_params
+from qfm.data.manifest import read_manifest
+from qfm.errors import ConfigError, QfmError
+from qfm.eval.paired import image_bootstrap, paired_differences
+from qfm.eval.report import paired_differences_plot
+from qfm.runtime import available_cores, resolve_device, set_threads
+from qfm.steps.bank import build_bank
+from qfm.steps.common import write_json
+from qfm.steps.evaluate import evaluate
+from qfm.steps.pseudo_label import pseudo_label
+from qfm.steps.student import train_student, uses_pseudo_labels, uses_qcc
+from qfm.steps.teacher import train_teacher
+from qfm.steps.units import UnitStore, code_version, data_version
+
+#: Student overrides that switch every QFM part off: the plain DEIQT fine-tune (the default reference).
+PLAIN = {"train_student.qcc": False, "train_student.use_pseudo_labels": False, "train_student.lambda_kd": 0.0,
+         "train_student.lambda_con": 0.0}
+DEFAULT_ROWS = {"baseline": PLAIN, "qfm": {}}
+COMPARED = ("srcc", "plcc_raw", "plcc_logistic")
+EXECUTION_ONLY = ("workers",)
+STUDY_FILES = ("study.json", "study.md", "study_differences.png")
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    overrides: tuple[str, ...]      # SECTION.KEY=VALUE, applied after the study's own --set overrides
+
+
+def read_rows(path: str | Path | None) -> tuple[list[Row], str]:
+    """The rows of a rows file and the reference row's name.
+
+    The file: ``rows:`` a mapping of row name to overrides (``section.key: value``, an empty mapping for
+    none) and optionally ``reference:`` a row name (default: the first row). Without a file: 'baseline'
+    (every QFM part off) as the reference and 'qfm' (the parameters as given).
+    """
+    if path is None:
+        data = {"rows": DEFAULT_ROWS, "reference": "baseline"}
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"rows file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+    where = path or "the default rows"
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), dict) or not data["rows"]:
+        raise ConfigError(f"{where}: needs 'rows:', a mapping of row name to overrides (section.key: value)")
+    unknown = sorted(set(data) - {"rows", "reference"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; use 'rows' and 'reference'")
+    rows = []
+    for name, overrides in data["rows"].items():
+        overrides = overrides or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{where}: row '{name}' must map section.key to a value, got {overrides!r}")
+        for key in overrides:
+            if key.startswith("run."):
+                raise ConfigError(f"{where}: row '{name}' sets '{key}'; the splits and the device are the "
+                                  "study's (--splits, --set run.device=...), not a row's")
+        rows.append(Row(str(name), tuple(f"{k}={json.dumps(v)}" for k, v in overrides.items())))
+    reference = str(data.get("reference", rows[0].name))
+    if reference not in {r.name for r in rows}:
+        raise ConfigError(f"{where}: reference '{reference}' is not one of the rows {[r.name for r in rows]}")
+    return rows, reference
+
+
+def row_params(params_file: str | Path | None, overrides: list[str], row: Row) -> dict:
+    """The validated parameters of one row (a bad override is named with its row)."""
+    try:
+        return load_params(params_file, [*overrides, *row.overrides])
+    except ConfigError as exc:
+        raise ConfigError(f"row '{row.name}': {exc}") from exc
+
+
+def _payload(section) -> dict:
+    return {k: v for k, v in asdict(section).items() if k not in EXECUTION_ONLY}
+
+
+def recipe_of(student: StudentParams) -> TrainParams:
+    """The student's training recipe alone (what a plain fine-tune with these settings uses)."""
+    return TrainParams(**{f.name: getattr(student, f.name) for f in fields(TrainParams)})
+
+
+def is_plain(student: StudentParams) -> bool:
+    """No QFM part is on: no QCC, no pseudo-labels, no distillation, no contrastive term."""
+    return not uses_qcc(student) and not uses_pseudo_labels(student) and student.lambda_kd == 0
+
+
+def run_row(units: UnitStore, manifest_dir: str | Path, params: dict, split: str,
+            report: Callable[[object], None]) -> dict:
+    """The training chain of one row on one split; returns its units, validation and test figures."""
+    run = replace(params["run"], split=split)
+
+    def train(recipe: TrainParams):
+        return units.run("train", {"params": _payload(recipe)}, lambda out, resume: train_teacher(
+            manifest_dir, out, recipe, run, resume=resume, progress=False), resumable=True)
+
+    teacher = train(params["train_teacher"])
+    report(teacher)
+    student_params = params["train_student"]
+    chain = {"teacher": teacher.key}
+    if is_plain(student_params):
+        model = train(recipe_of(student_params))
+    else:
+        model = _qfm_student(units, manifest_dir, params, run, teacher, chain, report)
+    report(model)
+    chain["model"] = model.key
+    test = units.run("evaluate", {"model": model.key, "part": "test"}, lambda out, resume: evaluate(
+        manifest_dir, model.path, out, run, progress=False))
+    report(test)
+    return {"units": chain, "best_epoch": model.result["best_epoch"], "val": model.result["val"],
+            "test": test.result, "predictions": str(test.path / "predictions.csv")}
+
+
+def _qfm_student(units: UnitStore, manifest_dir, params: dict, run, teacher, chain: dict, report):
+    student, pool_params, bank_params = params["train_student"], params["pseudo_label"], params["build_bank"]
+    has_pool = bool(pool_params.pool)
+    pool = None
+    if has_pool and (uses_pseudo_labels(student) or uses_qcc(student) and bank_params.include_pseudo):
+        pool = units.run("pseudo", {"params": _payload(pool_params), "teacher": teacher.key},
+                         lambda out, resume: pseudo_label(manifest_dir, teacher.path, out, pool_params, run,
+                                                          progress=False))
+        report(pool)
+        chain["pseudo"] = pool.key
+    bank = None
+    if uses_qcc(student):
+        bank_pool = pool if bank_params.include_pseudo else None
+        bank = units.run("bank", {"params": _payload(bank_params), "teacher": teacher.key,
+                                  "pseudo": bank_pool.key if bank_pool else None},
+                         lambda out, resume: build_bank(manifest_dir, teacher.path,
+                                                        bank_pool.path if bank_pool else None, out, bank_params,
+                                                        run, progress=False))
+        report(bank)
+        chain["bank"] = bank.key
+    student_pool = pool if uses_pseudo_labels(student) else None
+    payload = {"params": _payload(student), "teacher": teacher.key if student.lambda_kd > 0 else None,
+               "pseudo": student_pool.key if student_pool else None, "bank": bank.key if bank else None}
+    return units.run("student", payload, lambda out, resume: train_student(
+        manifest_dir, out, student, run, teacher_dir=teacher.path,
+        pseudo_dir=student_pool.path if student_pool else None, bank_dir=bank.path if bank else None,
+        resume=resume, progress=False), resumable=True)
+
+
+def _progress_line(split: str, row: str, unit) -> str:
+    result = unit.result
+    bits = [f"{split:>9}", f"{row:<16}", f"{unit.kind}-{unit.key[:8]}"]
+    if "best_epoch" in result:
+        bits.append(f"epoch {result['best_epoch']} val SRCC {result['val'].get('srcc', float('nan')):.4f}")
+    if "srcc" in result:
+        bits.append(f"test SRCC {result['srcc']:.4f}")
+    bits.append("reused" if unit.reused else f"{unit.seconds:.0f} s")
+    return "  ".join(bits)
+
+
+def run_split(manifest_dir: str, units_dir: str, params_file: str | None, overrides: list[str], rows: list[Row],
+              split: str, context: dict, threads: int, progress: bool) -> dict[str, dict]:
+    """Every row on one split (one process of the study); a row that fails is recorded, not fatal."""
+    set_threads(threads)
+    with UnitStore(Path(units_dir) / split, context) as units:
+        return {row.name: _run_row_safely(units, manifest_dir, params_file, overrides, row, split, progress)
+                for row in rows}
+
+
+def _run_row_safely(units: UnitStore, manifest_dir: str, params_file: str | None, overrides: list[str], row: Row,
+                    split: str, progress: bool) -> dict:
+    started = time.perf_counter()
+
+    def report(unit):
+        if progress:
+            print(_progress_line(split, row.name, unit), flush=True)
+    try:
+        result = run_row(units, manifest_dir, row_params(params_file, overrides, row), split, report)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+    except QfmError as exc:
+        result = {"error": str(exc)}
+    except Exception:  # noqa: BLE001 -- one row failing must not lose the others; the error is reported
+        result = {"error": traceback.format_exc(limit=4)}
+    if "error" in result and progress:
+        print(f"{split:>9}  {row.name:<16}  FAILED: {result['error'].splitlines()[0]}", flush=True)
+    return result
+
+
+def run_study(manifest_dir: str | Path, out_dir: str | Path, splits: list[str], *, rows_file: str | Path | None = None,
+              params_file: str | Path | None = None, overrides: list[str] = (), jobs: int = 1,
+              units_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Run every row on every split (splits side by side in `jobs` processes), then compare each row with
+    the reference by pairs; writes study.json, study.md and study_differences.png into out_dir. Units live
+    in units_dir (default out_dir/units); studies that share it share their units."""
+    rows, reference = read_rows(rows_file)
+    overrides = list(overrides)
+    params = {row.name: row_params(params_file, overrides, row) for row in rows}  # every row checked up front
+    columns = read_manifest(manifest_dir).split_columns
+    missing = [s for s in splits if s not in columns]
+    if missing:
+        raise ConfigError(f"split(s) {missing} are not in the manifest; it has {columns}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(params[reference]["run"].device)
+    context = {"data": data_version(manifest_dir), "code": code_version(), "device": device.type}
+    jobs = min(jobs, len(splits))
+    threads = params[reference]["run"].threads or max(1, available_cores() // jobs)
+    started = time.perf_counter()
+    units_dir = Path(units_dir) if units_dir is not None else out_dir / "units"
+    job = (str(manifest_dir), str(units_dir), None if params_file is None else str(params_file), overrides, rows)
+    if jobs == 1:
+        per_split = {s: run_split(*job, s, context, threads, progress) for s in splits}
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {s: pool.submit(run_split, *job, s, context, threads, progress) for s in splits}
+            per_split = {s: f.result() for s, f in futures.items()}
+    study = summarize(rows, reference, per_split, params)
+    study |= {"context": context, "splits": splits, "jobs": jobs, "threads_per_job": threads,
+              "wall_seconds": round(time.perf_counter() - started, 1),
+              "command": {"rows_file": None if rows_file is None else str(rows_file),
+                          "params_file": None if params_file is None else str(params_file), "overrides": overrides}}
+    write_json(out_dir / "study.json", study)
+    (out_dir / "study.md").write_text(study_markdown(study))
+    paired_differences_plot(out_dir / "study_differences.png", study)
+    return study
+
+
+def _metric(result: dict, part: str, metric: str) -> float | None:
+    value = result.get(part, {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _predictions(result: dict) -> pd.DataFrame:
+    return pd.read_csv(result["predictions"]).set_index("image_id")
+
+
+def summarize(rows: list[Row], reference: str, per_split: Mapping[str, Mapping[str, dict]], params: dict) -> dict:
+    """Per row: medians and means of its figures; against the reference: paired differences on the splits
+    both finished, with intervals, Wilcoxon p and the per-image bootstrap; the best row by median val SRCC."""
+    splits = list(per_split)
+    summary_rows = []
+    for row in rows:
+        done = {s: per_split[s][row.name] for s in splits if "test" in per_split[s].get(row.name, {})}
+        entry: dict = {"row": row.name, "overrides": dict(o.split("=", 1) for o in row.overrides),
+                       "splits_done": list(done),
+                       "errors": {s: per_split[s][row.name]["error"] for s in splits
+                                  if "error" in per_split[s].get(row.name, {})}}
+        for part, metrics in (("val", ("srcc", "plcc_raw")), ("test", COMPARED)):
+            for metric in metrics:
+                values = [v for v in (_metric(r, part, metric) for r in done.values()) if v is not None]
+                entry[f"{part}_{metric}"] = {"median": float(np.median(values)) if values else None,
+                                             "mean": float(np.mean(values)) if values else None,
+                                             "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+                                             "per_split": {s: _metric(r, part, metric) for s, r in done.items()}}
+        if row.name != reference:
+            entry["vs_reference"] = _paired(per_split, splits, row.name, reference)
+        summary_rows.append(entry)
+    ranked = [e for e in summary_rows if e["val_srcc"]["median"] is not None]
+    best = max(ranked, key=lambda e: e["val_srcc"]["median"])["row"] if ranked else None
+    return {"reference": reference, "best_row_by_val": best, "rows": summary_rows, "per_split": per_split,
+            "notes": [("test figures are reported, never used to choose; the epoch of every model and the best "
+                      "row are chosen on validation SRCC"),
+                      "plcc_raw: Pearson on raw predictions; plcc_logistic: after the 4-parameter logistic fit",
+                      "differences are row minus reference on the same splits; intervals are 95%"]}
+
+
+def _paired(per_split, splits: list[str], row: str, reference: str) -> dict:
+    both = [s for s in splits if "test" in per_split[s].get(row, {}) and "test" in per_split[s].get(reference, {})]
+    out: dict = {"splits": both}
+    for part, metrics in (("val", ("srcc",)), ("test", COMPARED)):
+        for metric in metrics:
+            pairs = [(_metric(per_split[s][row], part, metric), _metric(per_split[s][reference], part, metric))
+                     for s in both]
+            pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+            out[f"{part}_{metric}"] = paired_differences([a for a, _ in pairs], [b for _, b in pairs])
+    images = []
+    for s in both:
+        a, b = _predictions(per_split[s][row]), _predictions(per_split[s][reference])
+        b = b.loc[a.index]
+        images.append((a["mos"].to_numpy(), a["prediction"].to_numpy(), b["prediction"].to_numpy()))
+    if images:
+        out["image_bootstrap"] = {m: image_bootstrap(images, m) for m in ("srcc", "plcc_raw")}
+    return out
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _ci(interval: list[float] | None) -> str:
+    return "n/a" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
+
+
+def study_markdown(study: dict) -> str:
+    """The study's tables: each row's own figures, then its paired differences with the reference."""
+    ref, best = study["reference"], study["best_row_by_val"]
+    n = len(study["splits"])
+    lines = [f"# Study: {len(study['rows'])} rows on {n} splits ({', '.join(study['splits'])})", "",
+             f"Reference row: `{ref}`. Best row by median validation SRCC: `{best}` (chosen on validation only).",
+             "", "## Each row (median over splits; mean ± std of test SRCC)", "",
+             "| row | splits | val SRCC | test SRCC | test PLCC raw | test PLCC fitted | test SRCC mean ± std |",
+             "|---|---|---|---|---|---|---|"]
+    for e in study["rows"]:
+        std = e["test_srcc"]["std"]
+        mean = f"{_fmt(e['test_srcc']['mean'])} ± {_fmt(std)}" if std is not None else _fmt(e["test_srcc"]["mean"])
+        mark = " (best on val)" if e["row"] == best else ""
+        lines.append(f"| {e['row']}{mark} | {len(e['splits_done'])} | {_fmt(e['val_srcc']['median'])} | "
+                     f"{_fmt(e['test_srcc']['median'])} | {_fmt(e['test_plcc_raw']['median'])} | "
+                     f"{_fmt(e['test_plcc_logistic']['median'])} | {mean} |")
+    lines += ["", f"## Paired differences with `{ref}` (row minus reference, same splits)", "",
+              ("| row | metric | splits | mean | median | 95% CI bootstrap over splits | 95% CI t | "
+              "Wilcoxon p | wins/losses | per-image bootstrap mean [95% CI] |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    labels = {"val_srcc": "val SRCC", "test_srcc": "test SRCC", "test_plcc_raw": "test PLCC raw",
+              "test_plcc_logistic": "test PLCC fitted"}
+    for e in study["rows"]:
+        vs = e.get("vs_reference")
+        if not vs:
+            continue
+        for key, label in labels.items():
+            d = vs[key]
+            boot = vs.get("image_bootstrap", {}).get(key.removeprefix("test_")) if key.startswith("test") else None
+            image = f"{_fmt(boot['mean'], True)} {_ci(boot['ci'])}" if boot else ""
+            p = "n/a" if d["wilcoxon_p"] is None else f"{d['wilcoxon_p']:.3f}"
+            lines.append(f"| {e['row']} | {label} | {d['n']} | {_fmt(d['mean'], True)} | {_fmt(d['median'], True)} "
+                         f"| {_ci(d['ci_bootstrap'])} | {_ci(d['ci_t'])} | {p} | {d['wins']}/{d['losses']} | {image} |")
+    failed = [(e["row"], s, err.splitlines()[0]) for e in study["rows"] for s, err in e["errors"].items()]
+    if failed:
+        lines += ["", "## Failed", ""] + [f"- `{r}` on {s}: {err}" for r, s, err in failed]
+    lines += ["", "Notes: " + "; ".join(study["notes"]) + ". The per-image bootstrap resamples each split's test "
+              "images (the same draw for both rows) and averages the difference over splits: it measures the "
+              "test-sample noise for these trained models, not the training noise the split-level intervals "
+              "include.", ""]
+    return "\n".join(lines)
