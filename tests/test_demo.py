@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from qfm.data.adapters import read_dataset
-from qfm.data.demo import DISTORTIONS, PHOTOGRAPHS, POOL_DISTORTIONS, load_reference, make_demo, scene_name
+from qfm.data.demo import PHOTOGRAPHS, load_reference, make_demo, scene_name
+from qfm.data.distortions import DISTORTIONS, POOL_DISTORTIONS
 from qfm.data.manifest import build_manifest
 from qfm.data.splits import SplitProtocol, check_disjoint
 from qfm.errors import ConfigError

@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from qfm.config import PseudoLabelParams, RunParams
+from qfm.data.distortions import DISTORTIONS, POOL_DISTORTIONS
 from qfm.data.images import list_images
 from qfm.data.manifest import Manifest
 from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
@@ -71,7 +72,6 @@ def make_synthetic_pool(manifest: Manifest, split: str, out_dir: Path, per_image
     never held-out content."""
     from PIL import Image
 
-    from qfm.data.demo import DISTORTIONS, POOL_DISTORTIONS
     from qfm.data.images import load_rgb
 
     kinds = list(DISTORTIONS.values()) + list(POOL_DISTORTIONS.values())
