@@ -39,7 +39,7 @@ def build_bank(manifest_dir: str | Path, teacher_dir: str | Path, pseudo_dir: st
                out_dir: str | Path, params: BankParams, run: RunParams, *, progress: bool = True) -> dict:
     """Embed, index, mine; writes index.faiss, embeddings.npy, bank.parquet, pairs.parquet, summary.json."""
     manifest = manifest_for_split(manifest_dir, run.split)
-    pseudo = read_pseudo_labels(pseudo_dir if params.include_pseudo else None, manifest.root)
+    pseudo = read_pseudo_labels(pseudo_dir if params.include_pseudo else None)
     table = training_manifest(manifest, run.split, pseudo)
     if params.descriptor not in DESCRIPTORS:
         raise ConfigError(f"build_bank.descriptor '{params.descriptor}' is not one of {DESCRIPTORS}")

@@ -224,9 +224,9 @@ def write_summary(out_dir: Path, table: pd.DataFrame, run: RunParams, params: Ps
     return summary
 
 
-def read_pseudo_labels(pseudo_dir: str | Path | None, dataset_root: str | Path) -> pd.DataFrame:
-    """The kept pseudo-labels of a pseudo-label step's folder (empty when no folder is given), with `path`
-    resolved against the root each row names (the dataset root or the pseudo-label folder)."""
+def read_pseudo_labels(pseudo_dir: str | Path | None) -> pd.DataFrame:
+    """The kept pseudo-labels of a pseudo-label step's folder (empty when no folder is given), with `path` as
+    a manifest row holds it: relative to the dataset root, or absolute for images of the pseudo-label folder."""
     if pseudo_dir is None:
         return pd.DataFrame(columns=COLUMNS)
     path = Path(pseudo_dir) / TABLE
@@ -237,4 +237,5 @@ def read_pseudo_labels(pseudo_dir: str | Path | None, dataset_root: str | Path) 
         raise DataError(f"pseudo-label table {path} has no path_root column (written by an older qfm); "
                         "run `qfm pseudo-label` again")
     table = table[table["kept"]].reset_index(drop=True)
-    return table.assign(path=[str(f) for f in resolve_paths(table, Path(dataset_root), Path(pseudo_dir))])
+    own = Path(pseudo_dir).resolve()
+    return table.assign(path=[str(own / p) if r == PSEUDO_ROOT else p for p, r in zip(table["path"], table["path_root"])])

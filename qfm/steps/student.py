@@ -81,7 +81,7 @@ def train_student(manifest_dir: str | Path, out_dir: str | Path, params: Student
     """Train the student; writes best.pt, last.pt, history.json, training_curves.png, summary.json."""
     device = setup(run)
     manifest = manifest_for_split(manifest_dir, run.split)
-    pseudo = read_pseudo_labels(pseudo_dir if uses_pseudo_labels(params) else None, manifest.root)
+    pseudo = read_pseudo_labels(pseudo_dir if uses_pseudo_labels(params) else None)
     table = training_manifest(manifest, run.split, pseudo)
     model = build_model(params)
     crops = crop_config(params, model)
