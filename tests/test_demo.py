@@ -143,8 +143,9 @@ def test_demo_ingests_with_content_disjoint_splits(demo):
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_other_noise(tmp_path):
-    first, again, other = (make_demo(tmp_path / name, seed=seed, **TINY) for name, seed in
-                           (("a", 1), ("b", 1), ("c", 2)))
+    """The same bytes for a seed whether the contents are made on worker processes or in this one."""
+    first, again, other = (make_demo(tmp_path / name, seed=seed, workers=workers, **TINY)
+                           for name, seed, workers in (("a", 1, 2), ("b", 1, 1), ("c", 2, None)))
     a, b, c = files(tmp_path / "a"), files(tmp_path / "b"), files(tmp_path / "c")
     assert a == b and dataclasses.replace(first, out_dir=again.out_dir) == again
     assert len(a) == 3 * 4 * 2 + 2 * 4 + 3 * 4 * 1 + 2 * 4 + 3 + 2 + 3  # scored, pool, contents, CSVs, DEMO.md
@@ -177,6 +178,7 @@ def test_refuses_a_folder_that_is_not_a_demo(tmp_path):
 @pytest.mark.parametrize(("option", "value"), [
     ("n_references", -1), ("n_references", 20), ("n_scenes", -1), ("n_scenes", 1000), ("n_levels", 1), ("n_levels", 9), ("pool_levels", -1),
     ("image_size", 16), ("distortions", ("blur", "fog")), ("distortions", ("blur", "blur")), ("seed", -1),
+    ("workers", 0),
 ])
 def test_bad_counts_name_the_parameter(tmp_path, option, value):
     with pytest.raises(ConfigError, match=f"demo {option}"):

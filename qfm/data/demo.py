@@ -11,15 +11,21 @@ MOS = 100 * (0.5 * (1 - impairment(level)) + 0.5 * SSIM(luma)). Layout:
   out_dir/DEMO.md                                 what this is and how it was made
 
 Paths in both CSVs are relative to out_dir. Deterministic for a seed; re-running into the same folder
-rewrites the same bytes and removes images a previous run with other counts left behind.
+rewrites the same bytes and removes images a previous run with other counts left behind. The contents are
+made in parallel, one worker process per usable core (for ten contents or more); a content's images and scores depend only on the
+seed and the content, and the tables are written in content order, so the bytes do not depend on the
+number of processes.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -215,10 +221,85 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     path.write_text(buffer.getvalue(), encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class _Job:
+    """The settings every content is made with (sent to the worker processes)."""
+
+    out_dir: Path
+    seed: int
+    n_levels: int
+    pool_levels: int
+    image_size: int
+    distortions: tuple[str, ...]
+
+
+def _make_content(job: _Job, name: str, index: int | None) -> tuple[list[list], list[list]]:
+    """Write one content's reference, scored and pool images; return its scores.csv and pool.csv rows.
+
+    ``index`` is the scene number, None for a packaged image. Every random draw is seeded by the content,
+    so the result does not depend on which process makes it or in which order.
+    """
+    seed, out_dir = job.seed, job.out_dir
+    if index is None:
+        reference, rng_id = load_reference(name, job.image_size), REFERENCES.index(name)
+    else:
+        reference, rng_id = dead_leaves(job.image_size, (seed, index)), len(REFERENCES) + index
+    _save_png(reference, out_dir / REFS_DIR / f"{name}.png")
+    score = _Scorer(reference, job.n_levels)
+    scored, pooled = [], []
+    for d_index, distortion, level, strength in _plan(job.distortions, job.n_levels, index, DISTORTIONS):
+        image = distortion.apply(reference, strength, np.random.default_rng([seed, rng_id, d_index, level]))
+        relative = f"{IMAGES_DIR}/{name}_{distortion.name}_{level}.png"
+        _save_png(image, out_dir / relative)
+        scored.append([relative, f"{score(image, level):.3f}", name, distortion.name, level])
+    for d_index, distortion, level, strength in _plan(tuple(POOL_DISTORTIONS), job.pool_levels, index,
+                                                      POOL_DISTORTIONS, offset=len(DISTORTIONS)):
+        relative = f"{POOL_DIR}/{name}_{distortion.name}_{level}.png"
+        rng = np.random.default_rng([seed, rng_id, d_index, level])
+        _save_png(distortion.apply(reference, strength, rng), out_dir / relative)
+        pooled.append([relative, name])
+    return scored, pooled
+
+
+CONTENTS_PER_WORKER = 10  # a spawned worker costs about 1.5 s of imports: worth it from about 10 contents
+
+
+def _n_workers(workers: int | None, n_contents: int) -> int:
+    """The processes to use: ``workers``, or, when None, every usable core but no more than one per
+    CONTENTS_PER_WORKER contents (a small demo is made in this process)."""
+    if workers is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cores, n_contents // CONTENTS_PER_WORKER)
+    return max(1, min(workers, n_contents))
+
+
+def _make_contents(job: _Job, contents: Sequence[tuple[str, int | None]], workers: int,
+                   progress: bool) -> list[tuple[list[list], list[list]]]:
+    """Each content's rows, in the order of ``contents``, made on ``workers`` processes (1: this one)."""
+    with tqdm(total=len(contents), desc="demo contents", unit="content", disable=not progress) as bar:
+        if workers == 1:
+            results = []
+            for name, index in contents:
+                results.append(_make_content(job, name, index))
+                bar.update()
+            return results
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_make_content, job, name, index) for name, index in contents]
+            try:
+                for future in as_completed(futures):
+                    future.result()  # raises a worker's error here
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+            return [future.result() for future in futures]
+
+
 def make_demo(out_dir: Path, seed: int = DEFAULTS.seed, n_references: int = DEFAULTS.n_references,
               n_scenes: int = DEFAULTS.n_scenes, n_levels: int = DEFAULTS.n_levels,
               pool_levels: int = DEFAULTS.pool_levels, image_size: int = DEFAULTS.image_size,
-              distortions: Sequence[str] = tuple(DISTORTIONS), progress: bool = True) -> DemoSummary:
+              distortions: Sequence[str] = tuple(DISTORTIONS), progress: bool = True,
+              workers: int | None = None) -> DemoSummary:
     """Write the demo dataset (scored images, unlabelled pool, references, DEMO.md) into out_dir.
 
     Defaults are those of the params schema's ``demo`` section (``qfm.config.DemoParams``).
@@ -226,40 +307,26 @@ def make_demo(out_dir: Path, seed: int = DEFAULTS.seed, n_references: int = DEFA
     Scored: each packaged reference x distortion x level, and each dead-leaves scene x distortion at one
     level (see ``_plan``). Pool: the same with the pool distortions, recorded with its content_id so pool
     images of a split's test content can be left out. The seed drives the scenes and the noise.
+
+    The contents are made in parallel on ``workers`` processes (None: every usable core, one per ten
+    contents at most; 1: in this process); the output is the same for any number.
     """
     out_dir = Path(out_dir)
     distortions = tuple(distortions)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"demo seed must be a non-negative integer, got {seed!r}")
     _check_counts(n_references, n_scenes, n_levels, pool_levels, image_size, distortions)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"demo workers must be a positive integer or None (every core), got {workers!r}")
     _prepare_folder(out_dir)
     references = REFERENCES[:n_references]
     scenes = tuple(scene_name(i) for i in range(n_scenes))
-    scored: list[list] = []
-    pooled: list[list] = []
-    written: set[str] = set()
     contents = [(name, None) for name in references] + [(name, index) for index, name in enumerate(scenes)]
-    for name, index in tqdm(contents, desc="demo contents", unit="content", disable=not progress):
-        if index is None:
-            reference, rng_id = load_reference(name, image_size), REFERENCES.index(name)
-        else:
-            reference, rng_id = dead_leaves(image_size, (seed, index)), len(REFERENCES) + index
-        _save_png(reference, out_dir / REFS_DIR / f"{name}.png")
-        written.add(f"{REFS_DIR}/{name}.png")
-        score = _Scorer(reference, n_levels)
-        for d_index, distortion, level, strength in _plan(distortions, n_levels, index, DISTORTIONS):
-            image = distortion.apply(reference, strength, np.random.default_rng([seed, rng_id, d_index, level]))
-            relative = f"{IMAGES_DIR}/{name}_{distortion.name}_{level}.png"
-            _save_png(image, out_dir / relative)
-            written.add(relative)
-            scored.append([relative, f"{score(image, level):.3f}", name, distortion.name, level])
-        for d_index, distortion, level, strength in _plan(tuple(POOL_DISTORTIONS), pool_levels, index,
-                                                          POOL_DISTORTIONS, offset=len(DISTORTIONS)):
-            relative = f"{POOL_DIR}/{name}_{distortion.name}_{level}.png"
-            rng = np.random.default_rng([seed, rng_id, d_index, level])
-            _save_png(distortion.apply(reference, strength, rng), out_dir / relative)
-            written.add(relative)
-            pooled.append([relative, name])
+    job = _Job(out_dir, seed, n_levels, pool_levels, image_size, distortions)
+    results = _make_contents(job, contents, _n_workers(workers, len(contents)), progress)
+    scored = [row for rows, _ in results for row in rows]
+    pooled = [row for _, rows in results for row in rows]
+    written = {f"{REFS_DIR}/{name}.png" for name, _ in contents} | {row[0] for row in scored + pooled}
     _remove_stale(out_dir, written)
     _write_csv(out_dir / SCORES_FILE, ["image", "mos", "ref", "distortion", "level"], scored)
     _write_csv(out_dir / POOL_FILE, ["image", "content_id"], pooled)
