@@ -166,6 +166,8 @@ def paired_differences_plot(path_png: str | Path, study: Mapping) -> Path:
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(compared)), [e["row"] for e in reversed(compared)])
     ax.set_ylim(-0.7, len(compared) - 0.3)
-    ax.set_xlabel(f"test SRCC minus '{study['reference']}' (per split; mean and 95% CIs)")
-    ax.set_title(f"Paired differences over {len(study['splits'])} splits", fontsize=10)
+    ax.set_xlabel(f"test SRCC minus '{study['reference']}', same splits")
+    ax.set_title(f"Paired differences over {len(study['splits'])} splits: per split (dots), mean (diamond), "
+                 "95% CI bootstrap (thick) and t (thin)", fontsize=9)
+    fig.tight_layout()
     return _save(fig, path_png)
