@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
 from qfm.models import create_model
+from qfm.runtime import loader_workers, resolve_device
 from qfm.train.engine import predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,10 +41,11 @@ def main() -> None:
     parser.add_argument("--model", default="qfm_mobilenetv2")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", default="auto", help="loader workers (default: the product's 'auto')")
     parser.add_argument("--json")
     args = parser.parse_args()
-    model = create_model(args.model).eval()
+    device = resolve_device("cpu")  # as qfm score: the allocator keeps freed memory
+    model = create_model(args.model).to(memory_format=torch.channels_last).eval()  # as load_trained_model
     config = CropConfig(mean=model.mean, std=model.std)
     if CLIVE.is_dir():
         paths = sorted(CLIVE.glob("*.JPG"))[: args.images]
@@ -57,10 +59,11 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.randn(1, 3, config.crop_size, config.crop_size))
     flops_per_crop = counter.get_total_flops()
-    loader = make_loader(ImageListDataset(paths, config), args.batch, args.workers)
-    predict(model, loader, torch.device("cpu"), progress=False)  # warm-up
+    workers = loader_workers(args.workers if args.workers == "auto" else int(args.workers), device)
+    loader = make_loader(ImageListDataset(paths, config), args.batch, workers)
+    predict(model, loader, device, progress=False)  # warm-up
     start = time.perf_counter()
-    predict(model, loader, torch.device("cpu"), progress=False)
+    predict(model, loader, device, progress=False)
     seconds = time.perf_counter() - start
     images_per_s = len(paths) / seconds
     rate = matmul_rate()
@@ -68,7 +71,7 @@ def main() -> None:
     result = {"model": args.model, "images": len(paths), "crops_per_image": config.n_test_crops,
               "images_per_s": images_per_s, "gflops_per_crop": flops_per_crop / 1e9,
               "achieved_gflop_s": achieved / 1e9, "matmul_gflop_s": rate / 1e9, "roofline_fraction": achieved / rate,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "workers": workers}
     print(f"{args.model}: {images_per_s:.2f} images/s ({config.n_test_crops} crops each), "
           f"{flops_per_crop / 1e9:.3f} GFLOP per crop -> {achieved / 1e9:.1f} GFLOP/s of a measured "
           f"{rate / 1e9:.1f} GFLOP/s matmul rate ({100 * achieved / rate:.1f}% of the roofline)")

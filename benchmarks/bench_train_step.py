@@ -21,6 +21,7 @@ import torch
 from qfm.data.torch_dataset import CropConfig, ImageListDataset, collate_crops
 from qfm.losses import LossWeights
 from qfm.models import create_model
+from qfm.runtime import resolve_device
 from qfm.train.engine import make_optimizer
 from qfm.train.steps import QccStep, plain_step
 
@@ -57,7 +58,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps of each kind")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args()
-    model = create_model(args.model)
+    resolve_device("cpu")  # as training does: the allocator keeps freed memory
+    model = create_model(args.model).to(memory_format=torch.channels_last)  # as fit() lays it out
     dataset = ImageListDataset(images(args.batch), CropConfig(n_crops=args.crops, mean=model.mean, std=model.std),
                                train=True)
     batch = collate_crops([dataset[i] | {"mos": torch.tensor(0.1 * (i % 10))} for i in range(args.batch)])
