@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-export PATH="$PWD/.venv/bin:$PATH"
+venv="${QFM_VENV:-.venv}"
+export PATH="$(cd "$venv" && pwd)/bin:$PATH"
 export QFM_PIPELINE_RUN="${QFM_PIPELINE_RUN:-demo-$(date -u +%Y%m%dT%H%M%SZ)}"  # groups this run's stages in MLflow
 dvc repro "$@"
 echo
