@@ -250,6 +250,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from qfm.export import export_model
+
+    started = time.perf_counter()
+    meta = export_model(args.model, args.format, args.out, opset=args.opset)
+    size = Path(args.out).stat().st_size / 1e6
+    print(f"exported {args.model} as {args.format} to {args.out} ({size:.1f} MB, {time.perf_counter() - started:.1f} s): "
+          f"input uint8 (N, {meta['qfm.input_size'].replace('x', ', ')}, 3) crops, one score per crop; crop grid "
+          f"{meta['qfm.crop_grid']}, an image's score is the mean over its crops")
+    return 0
+
+
 def _step_parser(sub, name: str, help_text: str, description: str, func, inputs: list[tuple[str, str]],
                  out_help: str, resume: bool = False) -> argparse.ArgumentParser:
     step = sub.add_parser(name, help=help_text, description=description)
@@ -348,6 +360,18 @@ def _add_training_steps(sub) -> None:
     score.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=cmd_score)
+    export = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
+                            description="Write a trained model as one file that scores without qfm's training code: "
+                                        "input uint8 RGB crops (N, H, W, 3) with a dynamic N, normalised inside the "
+                                        "graph; output one score per crop (an image's score is the mean over its "
+                                        "test-grid crops). The crop grid, input size, score scale, training data "
+                                        "version and validation metrics go into the ONNX metadata (metadata_props) "
+                                        "or the TorchScript extra file qfm.json.")
+    export.add_argument("--model", required=True, help="a trained model folder (best.pt) or its best.pt")
+    export.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx or torchscript")
+    export.add_argument("--out", required=True, help="the file to write, e.g. artifacts/student/model.onnx")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.set_defaults(func=cmd_export)
 
 
 S3_FOLDER_INPUTS = ("manifest", "teacher", "pseudo", "bank", "model", "eval")
