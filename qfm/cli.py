@@ -235,7 +235,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from qfm.steps.score import score_images, write_scores
 
     frame = score_images(args.model, args.paths, device=args.device or "auto", batch_size=args.batch_size,
-                         workers=args.workers, progress=not args.quiet)
+                         workers=args.workers, progress=not args.quiet, engine=args.engine)
     written = write_scores(frame, args.out)
     if args.out:
         print(f"scored {int(frame['error'].isna().sum())} images into {written}")
@@ -352,7 +352,12 @@ def _add_training_steps(sub) -> None:
                                        "code 1; none is skipped silently.")
     score.add_argument("paths", nargs="+", help="image files and/or folders")
     score.add_argument("--model", required=True, help="a trained model folder, its best.pt, or a registered model "
-                                                       "models:/NAME@ALIAS (MLflow at $MLFLOW_TRACKING_URI)")
+                                                       "models:/NAME@ALIAS (MLflow at $MLFLOW_TRACKING_URI); with "
+                                                       "--engine onnxruntime a .onnx file from qfm export, or a "
+                                                       "folder holding model.onnx")
+    score.add_argument("--engine", choices=["torch", "onnxruntime"], default="torch",
+                       help="torch (default: the checkpoint) or onnxruntime (an ONNX export, on the CPU); the same "
+                            "crops, averaging and table")
     score.add_argument("--out", help="output .csv or .json (default: CSV on standard output)")
     score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     score.add_argument("--workers", type=_workers, default="auto",
@@ -366,7 +371,8 @@ def _add_training_steps(sub) -> None:
                                         "graph; output one score per crop (an image's score is the mean over its "
                                         "test-grid crops). The crop grid, input size, score scale, training data "
                                         "version and validation metrics go into the ONNX metadata (metadata_props) "
-                                        "or the TorchScript extra file qfm.json.")
+                                        "or the TorchScript extra file qfm.json. Score an ONNX file with "
+                                        "qfm score --engine onnxruntime.")
     export.add_argument("--model", required=True, help="a trained model folder (best.pt) or its best.pt")
     export.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx or torchscript")
     export.add_argument("--out", required=True, help="the file to write, e.g. artifacts/student/model.onnx")

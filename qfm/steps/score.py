@@ -1,5 +1,6 @@
 """score: a trained model's quality scores for image files or folders (deterministic multi-crop test): find
-the model (a folder, a checkpoint or a registered version), score through qfm.inference, write the table."""
+the model (a folder, a checkpoint or a registered version; or an ONNX export for the onnxruntime engine),
+score through qfm.inference, write the table."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
+from qfm.errors import ConfigError
 from qfm.inference import collect_images, score_files
 from qfm.runtime import resolve_device
 from qfm.steps.common import model_path
 from qfm.train.fit import load_trained_model
 
 MODEL_URI = "models:/"
+ENGINES = ("torch", "onnxruntime")
 
 
 def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.Module, dict]:
@@ -31,10 +34,29 @@ def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.
     return load_trained_model(ref if ref.is_file() else model_path(ref), resolve_device(device))
 
 
+def load_engine_model(model_ref: str | Path, engine: str = "torch",
+                      device: str = "auto") -> tuple[nn.Module, dict, str]:
+    """(model, state, device) for an engine: torch loads a checkpoint (see load_scoring_model); onnxruntime a
+    .onnx file from qfm export, or model.onnx in the folder given, and runs on the CPU."""
+    if engine == "torch":
+        return (*load_scoring_model(model_ref, device), device)
+    if engine != "onnxruntime":
+        raise ConfigError(f"unknown engine '{engine}'; known engines: {', '.join(ENGINES)}")
+    if device not in ("auto", "cpu"):
+        raise ConfigError(f"the onnxruntime engine runs on the CPU; drop --device {device} or use --engine torch")
+    if str(model_ref).startswith(MODEL_URI):
+        raise ConfigError("the onnxruntime engine scores an exported .onnx file, not a registered model "
+                          f"({model_ref}); use --engine torch, or export the model with qfm export")
+    from qfm.onnx_engine import load_onnx_model
+
+    return (*load_onnx_model(model_ref), "cpu")
+
+
 def score_images(model_ref: str | Path, paths: list[str | Path], *, device: str = "auto", batch_size: int = 16,
-                 workers: int | str = "auto", progress: bool = True) -> pd.DataFrame:
-    """One row per image: path, score (0-1, higher = better), crop_std, error (None when it decoded)."""
-    model, state = load_scoring_model(model_ref, device)
+                 workers: int | str = "auto", progress: bool = True, engine: str = "torch") -> pd.DataFrame:
+    """One row per image: path, score (0-1, higher = better), crop_std, error (None when it decoded).
+    engine: torch (a checkpoint) or onnxruntime (an ONNX export; the same crops and averaging)."""
+    model, state, device = load_engine_model(model_ref, engine, device)
     return score_files(model, state, collect_images(paths), device=device, batch_size=batch_size, workers=workers,
                        progress=progress)
 

@@ -1,0 +1,121 @@
+"""`qfm export` (ONNX, TorchScript) and `qfm score --engine onnxruntime` on a tiny trained demo model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+from qfm.cli import main
+from qfm.config import RunParams, StudentParams
+from qfm.export import CROP_KEY, read_torchscript
+from qfm.steps.score import score_images
+from qfm.train.fit import load_trained_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = StudentParams(epochs=1, batch_size=4, n_crops=1, crop_size=96, test_grid="1x2", workers=0, qcc=False,
+                     use_pseudo_labels=False)
+TOLERANCE = 1e-4  # per image score, torch against the export
+
+
+@pytest.fixture(scope="module")
+def student(tiny_demo, tmp_path_factory, one_torch_thread) -> Path:
+    """A one-epoch student on the tiny demo, exported by the command to model.onnx and model.ts beside best.pt."""
+    from qfm.steps.student import train_student
+
+    out = tmp_path_factory.mktemp("export") / "student"
+    train_student(tiny_demo, out, TINY, RunParams(device="cpu"), progress=False)
+    for fmt, name in (("onnx", "model.onnx"), ("torchscript", "model.ts")):
+        assert main(["export", "--model", str(out), "--format", fmt, "--out", str(out / name)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tiny_demo) -> list[Path]:
+    return sorted((tiny_demo.parent / "demo" / "images").glob("*.png"))
+
+
+def crops(n: int, size: int = 96) -> torch.Tensor:
+    """n random uint8 crops (n, size, size, 3)."""
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+
+
+def torch_scores(student: Path, nhwc: torch.Tensor) -> np.ndarray:
+    """The trained model's own scores of uint8 crops (its prepare() normalises them)."""
+    model, _ = load_trained_model(student / "best.pt")
+    with torch.no_grad():
+        return model(nhwc.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).numpy()
+
+
+def test_onnxruntime_scores_match_torch_per_image_and_in_rank(student, images):
+    ref = score_images(student, images, device="cpu", workers=0, progress=False)
+    ort = score_images(student / "model.onnx", images, workers=0, progress=False, engine="onnxruntime")
+    assert list(ort.columns) == list(ref.columns) == ["path", "score", "crop_std", "error"]
+    assert list(ort["path"]) == list(ref["path"]) and ort["error"].isna().all() and len(ort) == len(images) > 10
+    diff = np.abs(ort["score"].to_numpy() - ref["score"].to_numpy())
+    print(f"max |torch - onnxruntime| per image score over {len(diff)} images: {diff.max():.2e}")
+    assert diff.max() <= TOLERANCE
+    assert np.abs(ort["crop_std"] - ref["crop_std"]).max() <= TOLERANCE
+    assert (np.argsort(ort["score"].to_numpy(), kind="stable") ==
+            np.argsort(ref["score"].to_numpy(), kind="stable")).all()
+
+
+def test_onnx_graph_takes_uint8_nhwc_crops_with_a_dynamic_batch_and_carries_metadata(student):
+    proto = onnx.load(str(student / "model.onnx"))
+    (graph_input,) = proto.graph.input
+    tensor = graph_input.type.tensor_type
+    assert graph_input.name == "crops" and tensor.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    assert dims == ["batch", 96, 96, 3]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    summary = json.loads((student / "summary.json").read_text())
+    assert meta["qfm.crop_grid"] == "1x2" and meta["qfm.input_size"] == "96x96"
+    assert meta["qfm.score_scale"].startswith("0-1, higher is better")
+    assert json.loads(meta["qfm.val_metrics"])["srcc"] == pytest.approx(summary["val"]["srcc"])
+    assert len(meta["qfm.train_data_version"]) == 64 and len(meta["qfm.checkpoint_sha256"]) == 64
+    assert json.loads(meta[CROP_KEY])["dtype"] == "uint8"
+    session = onnxruntime.InferenceSession(str(student / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):  # neither is the batch of 2 the export traced
+        out = session.run(None, {"crops": crops(n).numpy()})[0]
+        assert out.shape == (n,) and np.abs(out - torch_scores(student, crops(n))).max() <= TOLERANCE
+
+
+def test_torchscript_export_loads_and_matches(student):
+    module, meta = read_torchscript(student / "model.ts")
+    assert meta == {p.key: p.value for p in onnx.load(str(student / "model.onnx")).metadata_props}
+    for n in (1, 3):
+        with torch.no_grad():
+            out = module(crops(n)).numpy()
+        assert out.shape == (n,) and np.abs(out - torch_scores(student, crops(n))).max() <= TOLERANCE
+
+
+def test_score_command_runs_the_onnx_in_a_model_folder(student, images, tmp_path):
+    out = tmp_path / "scores.csv"
+    assert main(["score", *map(str, images[:3]), "--model", str(student), "--engine", "onnxruntime",
+                 "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    assert out.read_text().splitlines()[0] == "path,score,crop_std,error"
+
+
+def test_bad_input_is_named_with_a_non_zero_exit(student, images, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert main(["export", "--model", str(missing), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert f"--model {missing} does not exist" in capsys.readouterr().err
+    assert main(["export", "--model", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "holds no best.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--model", str(student), "--format", "tflite", "--out", str(tmp_path / "m.tflite")])
+    assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.tflite").exists()
+    score = ["score", str(images[0]), "--engine", "onnxruntime", "--quiet", "--workers", "0"]
+    assert main([*score, "--model", str(tmp_path)]) == 2
+    assert f"--model {tmp_path} holds no model.onnx" in capsys.readouterr().err
+    assert main([*score, "--model", str(student / "best.pt")]) == 2
+    assert "is not a .onnx file" in capsys.readouterr().err
+    assert main([*score, "--model", str(student), "--device", "cuda"]) == 2
+    assert "runs on the CPU" in capsys.readouterr().err
