@@ -230,12 +230,13 @@ def test_registered_model_has_signature_and_input_example(promotions, client):
     version = client.get_model_version_by_alias(MODEL, "champion")
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version.version}"))
     meta = Model.load(local / "MLmodel")
-    assert meta.signature.inputs.input_names() == ["path", "image"]
-    assert [c.type.name for c in meta.signature.inputs.inputs] == ["string", "binary"]
+    assert meta.signature.inputs is None  # the model checks its columns itself and names a wrong one
     assert meta.signature.outputs.input_names() == ["score", "crop_std", "error"]
+    assert [(p.name, p.default) for p in meta.signature.params.params] == [("on_error", "reject")]
     example = json.loads((local / meta.saved_input_example_info["artifact_path"]).read_text())
     assert example["columns"] == ["image"] and base64.b64decode(example["data"][0][0])[:4] == b"\x89PNG"
     assert (local / "artifacts" / "checkpoint" / "best.pt.sha256").is_file()
+    assert (local / "artifacts" / "checkpoint" / "model.onnx").is_file()
 
 
 def test_champion_loads_and_scores_paths_and_bytes_like_qfm_score(promotions, trained, client, tiny_demo):
@@ -245,7 +246,8 @@ def test_champion_loads_and_scores_paths_and_bytes_like_qfm_score(promotions, tr
 
     images = sorted((tiny_demo.parent / "demo" / "images").glob("*.png"))[:3]
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    by_path = model.predict(pd.DataFrame({"path": [str(p) for p in images] + ["missing.png"]}))
+    by_path = model.predict(pd.DataFrame({"path": [str(p) for p in images] + ["missing.png"]}),
+                            params={"on_error": "report"})
     by_bytes = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
     good = trained["good"]
     local = score_images(good, images, device="cpu", workers=0, progress=False)
@@ -288,3 +290,18 @@ def test_champion_is_re_evaluated_when_the_data_version_differs(client, trained,
     assert second["data_version"] != first["data_version"]
     assert f"registered on data version {first['data_version']}" in second["reason"]
     assert second["champion_val"] == pytest.approx(-first["challenger_val"])  # the good model on reversed scores
+
+
+def test_registered_onnx_form_scores_like_the_checkpoint(promotions, trained, client, tiny_demo, monkeypatch):
+    """QFM_ENGINE=onnxruntime: the version's model.onnx (exported at promotion) scores within 1e-4."""
+    import mlflow
+
+    from qfm.steps.score import score_images
+
+    images = sorted((tiny_demo.parent / "demo" / "images").glob("*.png"))[:3]
+    monkeypatch.setenv("QFM_ENGINE", "onnxruntime")
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    assert type(model.unwrap_python_model().model).__name__ == "OnnxRuntimeScorer"
+    onnx = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+    local = score_images(trained["good"], images, device="cpu", workers=0, progress=False)
+    assert onnx["score"].tolist() == pytest.approx(local["score"].tolist(), abs=1e-4)
