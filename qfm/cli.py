@@ -254,11 +254,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     from qfm.export import export_model
 
     started = time.perf_counter()
+    if args.int8:
+        return _export_int8(args, started)
     meta = export_model(args.model, args.format, args.out, opset=args.opset)
     size = Path(args.out).stat().st_size / 1e6
     print(f"exported {args.model} as {args.format} to {args.out} ({size:.1f} MB, {time.perf_counter() - started:.1f} s): "
           f"input uint8 (N, {meta['qfm.input_size'].replace('x', ', ')}, 3) crops, one score per crop; crop grid "
           f"{meta['qfm.crop_grid']}, an image's score is the mean over its crops")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace, started: float) -> int:
+    """--int8: the fp32 ONNX export, quantised and gated on the validation part (qfm.quantize)."""
+    import tempfile
+
+    from qfm.export import export_model
+    from qfm.quantize import quantize_int8
+
+    if args.format != "onnx" or not args.calibrate:
+        raise ConfigError("--int8 needs --format onnx and --calibrate MANIFEST (its --split's train images "
+                          "calibrate, its validation images decide whether int8 is good enough)")
+    with tempfile.TemporaryDirectory(prefix="qfm-export-") as tmp:
+        fp32 = Path(tmp) / "fp32.onnx"
+        export_model(args.model, "onnx", fp32, opset=args.opset)
+        result = quantize_int8(fp32, args.out, args.calibrate, args.split, args.calibration_images, args.max_loss)
+    figures = (f"validation SRCC on {args.split} ({result.n_val} images): fp32 {result.val_srcc_fp32:.4f}, int8 "
+               f"{result.val_srcc_int8:.4f} (loss {result.loss:+.4f}; calibrated on {result.n_calibration} train "
+               "images)")
+    if not result.kept:
+        print(f"qfm export: int8 not written: it loses more than {args.max_loss} SRCC; {figures}. Use the fp32 "
+              "export (qfm export without --int8).", file=sys.stderr)
+        return 1
+    size = Path(args.out).stat().st_size / 1e6
+    print(f"exported {args.model} as int8 ONNX to {args.out} ({size:.1f} MB, {time.perf_counter() - started:.1f} s); "
+          f"{figures}")
     return 0
 
 
@@ -377,6 +406,17 @@ def _add_training_steps(sub) -> None:
     export.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx or torchscript")
     export.add_argument("--out", required=True, help="the file to write, e.g. artifacts/student/model.onnx")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    export.add_argument("--int8", action="store_true",
+                        help="write onnxruntime's static int8 form instead, only if its validation SRCC is within "
+                             "--max-loss of the fp32 model's (else nothing is written and the exit status is 1)")
+    export.add_argument("--calibrate", metavar="MANIFEST",
+                        help="with --int8: the manifest whose --split train images calibrate and whose validation "
+                             "images judge the int8 model")
+    export.add_argument("--split", default="split_0", help="with --int8: the split to use (default split_0)")
+    export.add_argument("--calibration-images", type=int, default=64,
+                        help="with --int8: train images to calibrate on (default 64)")
+    export.add_argument("--max-loss", type=float, default=0.005,
+                        help="with --int8: the largest validation SRCC loss accepted (default 0.005)")
     export.set_defaults(func=cmd_export)
 
 

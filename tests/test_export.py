@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qfm.cli import main
+from qfm.eval.metrics import srcc
 from qfm.config import RunParams, StudentParams
 from qfm.export import CROP_KEY, read_torchscript
 from qfm.steps.score import score_images
@@ -119,3 +120,34 @@ def test_bad_input_is_named_with_a_non_zero_exit(student, images, tmp_path, caps
     assert "is not a .onnx file" in capsys.readouterr().err
     assert main([*score, "--model", str(student), "--device", "cuda"]) == 2
     assert "runs on the CPU" in capsys.readouterr().err
+
+
+def test_int8_export_is_written_only_within_the_validation_gate(student, tiny_demo, images, tmp_path, capsys):
+    """--int8 calibrates on train images and compares validation SRCC with the fp32 model: a loss within
+    --max-loss writes an int8 file that scores through onnxruntime; otherwise nothing is written, exit 1."""
+    out = tmp_path / "int8.onnx"
+    base = ["export", "--model", str(student), "--format", "onnx", "--out", str(out), "--int8", "--calibrate",
+            str(tiny_demo), "--calibration-images", "8"]
+    assert main(base + ["--max-loss", "-1"]) == 1  # a loss of at least -1 is always there: refused
+    assert "int8 not written: it loses more than -1.0 SRCC; validation SRCC on split_0" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+    assert main(base + ["--max-loss", "1"]) == 0
+    printed = capsys.readouterr().out
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    gate = json.loads(meta["qfm.int8"])
+    assert gate["calibration_images"] == 8 and gate["split"] == "split_0" and gate["max_loss"] == 1
+    assert f"fp32 {gate['val_srcc_fp32']:.4f}, int8 {gate['val_srcc_int8']:.4f}" in printed
+    assert CROP_KEY in meta  # the crop settings travel, so the scorer cuts the same crops
+    types = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= types
+    scored = score_images(out, images, workers=0, progress=False, engine="onnxruntime")
+    fp32 = score_images(student / "model.onnx", images, workers=0, progress=False, engine="onnxruntime")
+    assert scored["error"].isna().all() and not np.allclose(scored["score"], fp32["score"], atol=1e-4)
+    assert srcc(scored["score"], fp32["score"]) > 0.8  # the same model in 8 bits: the same ranking, roughly
+
+
+def test_int8_needs_onnx_and_a_calibration_manifest(student, tmp_path, capsys):
+    assert main(["export", "--model", str(student), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--int8"]) == 2
+    assert "--int8 needs --format onnx and --calibrate MANIFEST" in capsys.readouterr().err

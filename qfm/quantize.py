@@ -1,0 +1,136 @@
+"""An int8 form of an ONNX export: onnxruntime's static quantisation, calibrated on training images, and
+offered only when it keeps the ranking.
+
+Calibration feeds the test-grid crops of up to `n_calibration` images of the split's *train* part
+(a fixed random sample) to onnxruntime's `quantize_static` (QDQ format, per-channel int8 weights, uint8
+activations; reduce_range keeps the 8-bit products inside 16 bits on CPUs without VNNI). The gate then
+scores the split's *validation* part with the fp32 and the int8 model (the same crops) and refuses the
+int8 file when its SRCC is more than `max_loss` below the fp32 one: the test part is never looked at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qfm.data.manifest import read_manifest
+from qfm.data.torch_dataset import CropConfig, ImageListDataset
+from qfm.errors import ConfigError, DataError
+from qfm.eval.metrics import srcc
+from qfm.export import CROP_KEY, INPUT_NAME
+
+MAX_SRCC_LOSS = 0.005
+INT8_KEY = "qfm.int8"  # metadata of the int8 file: the calibration and the gate's figures (JSON)
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    """The gate's figures: validation SRCC of both forms, and whether the int8 file was kept."""
+
+    val_srcc_fp32: float
+    val_srcc_int8: float
+    n_val: int
+    n_calibration: int
+    kept: bool
+
+    @property
+    def loss(self) -> float:
+        return self.val_srcc_fp32 - self.val_srcc_int8
+
+
+def split_paths(manifest_dir: str | Path, split: str, part: str) -> tuple[list[Path], np.ndarray]:
+    """The image files and scores of one part of a split."""
+    manifest = read_manifest(manifest_dir)
+    frame = manifest.frame
+    if split not in frame.columns:
+        raise ConfigError(f"manifest {manifest_dir} has no split '{split}'; its splits: {manifest.split_columns}")
+    rows = frame[frame[split] == part]
+    if rows.empty:
+        raise DataError(f"split '{split}' of manifest {manifest_dir} has no {part} images")
+    return [manifest.image_path(p) for p in rows["path"]], rows["mos"].to_numpy(dtype=float)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol: one image's test-grid crops (N, S, S, 3) at a time."""
+
+    def __init__(self, dataset: ImageListDataset) -> None:
+        self.dataset, self.next_index = dataset, 0
+
+    def get_next(self) -> dict | None:
+        if self.next_index >= len(self.dataset):
+            return None
+        item = self.dataset[self.next_index]
+        self.next_index += 1
+        return {INPUT_NAME: item["image"].permute(0, 2, 3, 1).contiguous().numpy()}
+
+
+def quantize_file(fp32_file: str | Path, out: str | Path, calibration: ImageListDataset) -> None:
+    """onnxruntime's static int8 form of an ONNX export, calibrated on these images' test-grid crops."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="qfm-int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_file), str(prepared), skip_symbolic_shape=True)  # the graph's own shapes
+        quantize_static(str(prepared), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+
+
+def calibration_images(manifest_dir: str | Path, split: str, crop: CropConfig, count: int,
+                       seed: int = 0) -> ImageListDataset:
+    """A fixed random sample of count train images of the split, cut into the test grid's crops."""
+    train_paths, _ = split_paths(manifest_dir, split, "train")
+    pick = np.random.default_rng(seed).permutation(len(train_paths))[:count]
+    return ImageListDataset([train_paths[i] for i in sorted(pick)], crop, train=False)
+
+
+def quantize_int8(fp32_file: str | Path, out: str | Path, manifest_dir: str | Path, split: str = "split_0",
+                  n_calibration: int = 64, max_loss: float = MAX_SRCC_LOSS, seed: int = 0) -> Int8Result:
+    """Write the int8 form of an ONNX export to out if its validation SRCC is within max_loss of the fp32
+    one; returns the figures either way (out is not written when refused)."""
+    import onnx
+
+    from qfm.inference import score_files
+    from qfm.onnx_engine import load_onnx_model
+
+    fp32_file, out = Path(fp32_file), Path(out)
+    crop = CropConfig(**json.loads(dict(_metadata(fp32_file))[CROP_KEY]))
+    calibration = calibration_images(manifest_dir, split, crop, n_calibration, seed)
+    val_paths, val_mos = split_paths(manifest_dir, split, "val")
+    with tempfile.TemporaryDirectory(prefix="qfm-int8-") as tmp:
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_file(fp32_file, quantized, calibration)
+        scores = {}
+        for name, file in (("fp32", fp32_file), ("int8", quantized)):
+            model, state = load_onnx_model(file)
+            scored = score_files(model, state, val_paths, device="cpu", workers=0, progress=False)
+            if scored["error"].notna().any():
+                raise DataError(f"validation images of {split} could not be read: {scored['error'].dropna().iloc[0]}")
+            scores[name] = srcc(scored["score"].to_numpy(), val_mos)
+        result = Int8Result(scores["fp32"], scores["int8"], len(val_paths), len(calibration),
+                            kept=scores["fp32"] - scores["int8"] <= max_loss)
+        if result.kept:
+            proto = onnx.load(str(quantized))
+            for prop in _metadata(fp32_file):
+                proto.metadata_props.add(key=prop[0], value=prop[1])
+            proto.metadata_props.add(key=INT8_KEY, value=json.dumps(
+                {"split": split, "calibration_images": len(calibration), "val_srcc_fp32": result.val_srcc_fp32,
+                 "val_srcc_int8": result.val_srcc_int8, "max_loss": max_loss}))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp_out = out.with_name(out.name + ".tmp")
+            onnx.save(proto, str(tmp_out))
+            os.replace(tmp_out, out)
+    return result
+
+
+def _metadata(file: Path) -> list[tuple[str, str]]:
+    """An ONNX file's metadata properties, in order."""
+    import onnx
+
+    return [(p.key, p.value) for p in onnx.load(str(file), load_external_data=False).metadata_props]
