@@ -165,9 +165,9 @@ def test_each_item_is_decoded_once_for_all_its_crops(manifest, monkeypatch):
     calls = []
     original = images.load_rgb
 
-    def counting_load_rgb(path):
+    def counting_load_rgb(path, resize_to=None):
         calls.append(str(path))
-        return original(path)
+        return original(path, resize_to)
 
     monkeypatch.setattr(images, "load_rgb", counting_load_rgb)
     train = all_rows(manifest, config=CropConfig(n_crops=4), train=True)
@@ -196,6 +196,36 @@ def test_resize_to_fixed_size_512x384(tmp_path):
     assert CropConfig(resize="512x384").resize == (512, 384)
     assert CropConfig(resize=[512, 384]).resize == (512, 384)
     assert CropConfig(resize="short_side=300").resized_size(W, H) == (346, 300)
+
+
+def test_reduced_decode_of_a_large_jpeg_reaches_the_same_size_and_nearly_the_same_pixels(tmp_path, monkeypatch):
+    """With a resize, a JPEG at least twice the target is decoded at reduced scale (PIL draft) and resized to
+    exactly the target; a PNG, a JPEG without resize, and a config without reduced_decode decode in full."""
+    rng = np.random.default_rng(0)
+    smooth = np.array(Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize(
+        (1600, 1200), Image.Resampling.BICUBIC))
+    jpeg, png = tmp_path / "large.jpg", tmp_path / "large.png"
+    Image.fromarray(smooth).save(jpeg, quality=95)
+    Image.fromarray(smooth).save(png)
+    from PIL.JpegImagePlugin import JpegImageFile
+
+    drafts = []
+    original_draft = JpegImageFile.draft
+    monkeypatch.setattr(JpegImageFile, "draft", lambda self, mode, size: drafts.append(size) or
+                        original_draft(self, mode, size))
+    base = CropConfig(resize="short_side=300", test_grid=(2, 2))
+    full, reduced = (ImageListDataset([jpeg], replace(base, reduced_decode=flag))[0]["image"] for flag in (False, True))
+    assert drafts == [(400, 300)]  # only the reduced decode asked libjpeg for a smaller image
+    assert full.shape == reduced.shape == (4, 3, 224, 224)
+    difference = np.abs(to_pixels(full).astype(int) - to_pixels(reduced).astype(int))
+    assert 0 < difference.mean() < 2.0  # another resampling path, the same picture
+    assert torch.equal(ImageListDataset([png], replace(base, reduced_decode=True))[0]["image"],
+                       ImageListDataset([png], base)[0]["image"])
+    no_resize = CropConfig(test_grid=(2, 2), reduced_decode=True)
+    assert torch.equal(ImageListDataset([jpeg], no_resize)[0]["image"],
+                       ImageListDataset([jpeg], replace(no_resize, reduced_decode=False))[0]["image"])
+    assert drafts == [(400, 300)]
+    assert images.load_rgb(jpeg, base.resized_size).size == (400, 300)
 
 
 def test_images_smaller_than_the_crop_are_scaled_up(tmp_path):

@@ -105,6 +105,10 @@ class CropConfig:
       equal the model's (the model's data config is the one source). hflip: random horizontal flips.
     dtype: 'uint8' (default): raw RGB crops in channels-last memory, normalised by the model on its
       device; 'float32': crops normalised here with mean/std, contiguous (the DEIQT-style baseline).
+    reduced_decode: with a resize, decode a JPEG at least twice the resized size at a reduced scale
+      first (qfm.data.images.load_rgb); the pixels differ slightly from a full decode, so it is part of a
+      model's recorded crop settings: training turns it on, and a record without it (older models) keeps it
+      off. No effect without a resize.
     """
 
     crop_size: int = 224
@@ -115,6 +119,7 @@ class CropConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     hflip: bool = True
     dtype: str = "uint8"
+    reduced_decode: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -133,6 +138,7 @@ class CropConfig:
             raise ConfigError(f"std must be positive for every channel, got {std}")
         set_(self, "std", std)
         set_(self, "hflip", bool(self.hflip))
+        set_(self, "reduced_decode", bool(self.reduced_decode))
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)} (uint8: raw crops the model normalises; "
                               f"float32: crops normalised in the loader), got {self.dtype!r}")
@@ -228,11 +234,12 @@ class _CropDataset(Dataset):
             raise IndexError(f"index {index} is out of range for a dataset of {length} images")
         return index
 
-    @staticmethod
-    def _decode(path: Path, what: str) -> Image.Image:
-        """The image in RGB, decoded once; any failure is a DataError naming the file."""
+    def _decode(self, path: Path, what: str) -> Image.Image:
+        """The image in RGB, decoded once (at reduced scale when the config asks); any failure is a DataError
+        naming the file."""
+        reduce = self.config.reduced_decode and self.config.resize is not None
         try:
-            return images.load_rgb(path)
+            return images.load_rgb(path, self.config.resized_size if reduce else None)
         except FileNotFoundError:
             raise DataError(f"{what}: image file {path} does not exist; check the dataset root") from None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
