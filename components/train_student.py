@@ -9,7 +9,7 @@ from components.base import load_section, local_manifest, log_training_metrics, 
 def train_student(manifest: Input[Dataset], dataset: Input[Dataset], teacher: Input[Model], pseudo: Input[Dataset],
                   bank: Input[Dataset], params: str, run: str, tracking: str, model: Output[Model],
                   metrics: Output[Metrics]):
-    """Train the student; `model` holds best.pt (epoch chosen on the val part) and its training record. The
+    """Train the student; `model` holds best.safetensors (epoch chosen on the val part) and its training record. The
     chosen epoch's validation SRCC/PLCC are logged as metrics."""
     from qfm.steps.student import train_student as train
 

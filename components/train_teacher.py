@@ -8,7 +8,7 @@ from components.base import load_section, local_manifest, log_training_metrics, 
 @qfm_component
 def train_teacher(manifest: Input[Dataset], dataset: Input[Dataset], params: str, run: str, tracking: str,
                   model: Output[Model], metrics: Output[Metrics]):
-    """Train the teacher; `model` holds best.pt (epoch chosen on the val part), last.pt, history.json,
+    """Train the teacher; `model` holds best.safetensors (epoch chosen on the val part), last.safetensors, history.json,
     training_curves.png, summary.json. The chosen epoch's validation SRCC/PLCC are logged as metrics."""
     from qfm.steps.teacher import train_teacher as train
 

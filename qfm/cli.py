@@ -132,7 +132,7 @@ def cmd_train_teacher(args: argparse.Namespace) -> int:
                             resume=args.resume, progress=not args.quiet, on_epoch=getattr(args, "on_epoch", None),
                             tracking=params["tracking"])
     print(f"teacher: best epoch {summary['best_epoch']} by {summary['selected_on']} = "
-          f"{summary['val'][params['train_teacher'].select_metric]:.4f} ({summary['seconds']} s); {args.out}/best.pt")
+          f"{summary['val'][params['train_teacher'].select_metric]:.4f} ({summary['seconds']} s); {args.out}/best.safetensors")
     return 0
 
 
@@ -170,7 +170,7 @@ def cmd_train_student(args: argparse.Namespace) -> int:
                             tracking=params["tracking"])
     print(f"student: best epoch {summary['best_epoch']} by {summary['selected_on']}, QCC "
           f"{'on' if summary['qcc'] else 'off'}, {summary['n_pseudo']} pseudo-labelled images "
-          f"({summary['seconds']} s); {args.out}/best.pt")
+          f"({summary['seconds']} s); {args.out}/best.safetensors")
     return 0
 
 
@@ -264,6 +264,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from qfm.train.checkpoint import convert_checkpoint
+
+    sources = [Path(s) for s in args.checkpoint]
+    if args.out and len(sources) > 1:
+        raise ConfigError("--out names one file: convert one checkpoint at a time with --out, or leave it out")
+    for source in sources:
+        if source.is_dir():
+            raise ConfigError(f"{source} is a folder: give the .pt files to convert (e.g. {source / 'best.pt'} "
+                              f"{source / 'last.pt'})")
+        out = convert_checkpoint(source, args.out, trust=args.trust)
+        print(f"converted {source} -> {out} (and {out.name}.sha256)")
+    return 0
+
+
 def _export_int8(args: argparse.Namespace, started: float) -> int:
     """--int8: the fp32 ONNX export, quantised and gated on the validation part (qfm.quantize)."""
     import tempfile
@@ -303,7 +318,7 @@ def _step_parser(sub, name: str, help_text: str, description: str, func, inputs:
     step.add_argument("--split", help="split column to use (default: run.split, split_0)")
     step.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     if resume:
-        step.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
+        step.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors if it exists")
     _storage_flags(step)
     step.add_argument("--quiet", action="store_true", help="no progress bars")
     step.set_defaults(func=func)
@@ -315,7 +330,7 @@ def _add_training_steps(sub) -> None:
     teacher = ("--teacher", "folder of the trained teacher (from qfm train-teacher)")
     _step_parser(sub, "train-teacher", "train the teacher with the plain DEIQT recipe",
                  "Train on the split's train part; choose the epoch on its val part (never test). Writes "
-                 "OUT/best.pt, OUT/last.pt (a checkpoint each epoch; --resume continues it), history.json, "
+                 "OUT/best.safetensors, OUT/last.safetensors (a checkpoint each epoch; --resume continues it), history.json, "
                  "training_curves.png, summary.json.", cmd_train_teacher, [manifest],
                  "output folder", resume=True)
     _step_parser(sub, "pseudo-label", "DLE: the teacher pseudo-labels the unlabelled pool",
@@ -338,7 +353,7 @@ def _add_training_steps(sub) -> None:
     evaluate = _step_parser(sub, "evaluate", "test a trained model: SRCC, KRCC, PLCC (raw and fitted), RMSE",
                             "Deterministic multi-crop test on one part of the split. Writes OUT/metrics.json, "
                             "predictions.csv and scatter.png.", cmd_evaluate,
-                            [manifest, ("--model", "folder of a trained model (best.pt)")], "output folder")
+                            [manifest, ("--model", "folder of a trained model (best.safetensors)")], "output folder")
     evaluate.add_argument("--part", default="test", choices=["test", "val", "train"], help="which part (default test)")
     _step_parser(sub, "promote", "register the student in MLflow; gate the champion alias",
                  "Register the trained student (--model) as a version of promote.model_name (pyfunc: images in, scores "
@@ -346,7 +361,7 @@ def _add_training_steps(sub) -> None:
                  "champion's by promote.margin on the same data (else the champion stays; the reason is the "
                  "version's qfm.promotion tag). MLflow at $MLFLOW_TRACKING_URI, else tracking.uri. Writes "
                  "OUT/promotion.json.", cmd_promote,
-                 [manifest, ("--model", "folder of the trained student (best.pt, summary.json)"),
+                 [manifest, ("--model", "folder of the trained student (best.safetensors, summary.json)"),
                   ("--eval", "folder of its evaluation (test metrics shown on the version)")], "output folder")
     for name, help_text, description in (
             ("study", "rows of parameter overrides on several splits, compared by pairs with a reference row",
@@ -380,7 +395,7 @@ def _add_training_steps(sub) -> None:
                                        "test. Unreadable images are listed with their error and make the exit "
                                        "code 1; none is skipped silently.")
     score.add_argument("paths", nargs="+", help="image files and/or folders")
-    score.add_argument("--model", required=True, help="a trained model folder, its best.pt, or a registered model "
+    score.add_argument("--model", required=True, help="a trained model folder, its best.safetensors, or a registered model "
                                                        "models:/NAME@ALIAS (MLflow at $MLFLOW_TRACKING_URI); with "
                                                        "--engine onnxruntime a .onnx file from qfm export, or a "
                                                        "folder holding model.onnx")
@@ -394,6 +409,16 @@ def _add_training_steps(sub) -> None:
     score.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=cmd_score)
+    convert = sub.add_parser("convert", help="rewrite pickled .pt checkpoints of an earlier qfm as safetensors",
+                             description="Read a pickled checkpoint (best.pt, last.pt) with torch's weights-only "
+                                         "loader, which refuses anything that could run code, and write it as a "
+                                         "safetensors checkpoint beside it (best.safetensors and its .sha256), "
+                                         "which qfm loads without unpickling.")
+    convert.add_argument("checkpoint", nargs="+", help="the .pt files to convert")
+    convert.add_argument("--out", help="the file to write (one checkpoint only; default: beside it, .safetensors)")
+    convert.add_argument("--trust", action="store_true",
+                         help="unpickle fully (for a file you made yourself that the weights-only loader refuses)")
+    convert.set_defaults(func=cmd_convert)
     export = sub.add_parser("export", help="export a trained model to ONNX or TorchScript",
                             description="Write a trained model as one file that scores without qfm's training code: "
                                         "input uint8 RGB crops (N, H, W, 3) with a dynamic N, normalised inside the "
@@ -402,7 +427,7 @@ def _add_training_steps(sub) -> None:
                                         "version and validation metrics go into the ONNX metadata (metadata_props) "
                                         "or the TorchScript extra file qfm.json. Score an ONNX file with "
                                         "qfm score --engine onnxruntime.")
-    export.add_argument("--model", required=True, help="a trained model folder (best.pt) or its best.pt")
+    export.add_argument("--model", required=True, help="a trained model folder (best.safetensors) or its best.safetensors")
     export.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="onnx or torchscript")
     export.add_argument("--out", required=True, help="the file to write, e.g. artifacts/student/model.onnx")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")

@@ -23,6 +23,7 @@ from torch import nn
 
 from qfm.data.torch_dataset import CropConfig
 from qfm.errors import ConfigError, DataError
+from qfm.steps.common import model_path
 from qfm.train.checkpoint import BEST, LAST, SIDECAR, load_checkpoint
 from qfm.train.fit import load_trained_model
 
@@ -46,20 +47,6 @@ class Uint8CropScorer(nn.Module):
         x = crops.permute(0, 3, 1, 2).to(torch.float32)
         # float input is used as given by QfmIqm.prepare: this is its uint8 arithmetic, done here
         return self.model(x * self.model.pixel_scale - self.model.pixel_shift)
-
-
-def model_checkpoint(model_ref: str | Path) -> Path:
-    """best.pt of a trained model folder, or the checkpoint file itself; a clear DataError otherwise."""
-    ref = Path(model_ref)
-    if ref.is_file():
-        return ref
-    if not ref.exists():
-        raise DataError(f"--model {ref} does not exist: pass a trained model folder (holding best.pt) or its best.pt")
-    path = ref / BEST
-    if not path.is_file():
-        raise DataError(f"--model {ref} holds no best.pt: pass the output folder of qfm train-student "
-                        "(or train-teacher)")
-    return path
 
 
 def export_metadata(checkpoint: Path, state: dict) -> dict[str, str]:
@@ -88,7 +75,7 @@ def export_metadata(checkpoint: Path, state: dict) -> dict[str, str]:
 
 
 def _run_identity(last: Path) -> dict:
-    """The data digests (SHA-256 of image ids, scores and crop settings) of the run, from last.pt if present."""
+    """The data digests (SHA-256 of image ids, scores and crop settings) of the run, from last.safetensors if present."""
     if not last.is_file():
         return {}
     try:
@@ -98,13 +85,13 @@ def _run_identity(last: Path) -> dict:
 
 
 def export_model(model_ref: str | Path, fmt: str, out: str | Path, opset: int = OPSET) -> dict[str, str]:
-    """Write the model at model_ref (a folder with best.pt, or a checkpoint) as fmt to out; returns its metadata."""
+    """Write the model at model_ref (a folder with best.safetensors, or a checkpoint) as fmt to out; returns its metadata."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}'; known formats: {', '.join(FORMATS)}")
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the file to write, e.g. {out / ONNX_FILE}")
-    checkpoint = model_checkpoint(model_ref)
+    checkpoint = model_path(model_ref)
     model, state = load_trained_model(checkpoint, "cpu")
     metadata = export_metadata(checkpoint, state)
     scorer = Uint8CropScorer(model).eval()

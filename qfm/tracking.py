@@ -325,7 +325,7 @@ class StepRun:
         if not self.active or not path.is_file():
             return
         tags = {f"qfm.checkpoint.{path.name}": path.resolve().as_uri()}
-        if path.name == "best.pt":
+        if path.name == "best.safetensors":
             tags[CHECKPOINT_SHA] = file_sha256(path)
         self.set_tags(tags)
         if self.log_checkpoints:

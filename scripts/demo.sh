@@ -28,5 +28,5 @@ print(f"  MLflow runs:       {ui}")
 print(f"  serve the champion: PATH=.venv/bin:$PATH mlflow models serve -m {p['model_uri']} --env-manager local -p 5001")
 PY
 echo "  validation report: artifacts/validate/validation.html (and .json)"
-echo "  teacher / student: artifacts/teacher/, artifacts/student/ (best.pt, history.json, training_curves.png; dvc plots show)"
+echo "  teacher / student: artifacts/teacher/, artifacts/student/ (best.safetensors, history.json, training_curves.png; dvc plots show)"
 echo "  score your photos: .venv/bin/qfm score PHOTO_OR_FOLDER --model artifacts/student  (or --model models:/qfm-iqm@champion)"

@@ -66,7 +66,7 @@ def test_score_writes_every_image_and_reports_unreadable_ones(trained, tiny_demo
     assert len(table) == 4
     good = table[table["error"].isna()]
     assert len(good) == 3 and good["score"].between(-0.5, 1.5).all()
-    again = qfm("score", *[str(p) for p in demo_images], "--model", str(out / "student" / "best.pt"),
+    again = qfm("score", *[str(p) for p in demo_images], "--model", str(out / "student" / "best.safetensors"),
                 "--workers", "0", "--device", "cpu", "--quiet")
     assert again.returncode == 0
     lines = again.stdout.strip().splitlines()

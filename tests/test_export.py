@@ -27,7 +27,7 @@ TOLERANCE = 1e-4  # per image score, torch against the export
 
 @pytest.fixture(scope="module")
 def student(tiny_demo, tmp_path_factory, one_torch_thread) -> Path:
-    """A one-epoch student on the tiny demo, exported by the command to model.onnx and model.ts beside best.pt."""
+    """A one-epoch student on the tiny demo, exported by the command to model.onnx and model.ts beside best.safetensors."""
     from qfm.steps.student import train_student
 
     out = tmp_path_factory.mktemp("export") / "student"
@@ -49,7 +49,7 @@ def crops(n: int, size: int = 96) -> torch.Tensor:
 
 def torch_scores(student: Path, nhwc: torch.Tensor) -> np.ndarray:
     """The trained model's own scores of uint8 crops (its prepare() normalises them)."""
-    model, _ = load_trained_model(student / "best.pt")
+    model, _ = load_trained_model(student / "best.safetensors")
     with torch.no_grad():
         return model(nhwc.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).numpy()
 
@@ -106,9 +106,9 @@ def test_score_command_runs_the_onnx_in_a_model_folder(student, images, tmp_path
 def test_bad_input_is_named_with_a_non_zero_exit(student, images, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert main(["export", "--model", str(missing), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
-    assert f"--model {missing} does not exist" in capsys.readouterr().err
+    assert f"{missing} does not exist: pass a trained model folder" in capsys.readouterr().err
     assert main(["export", "--model", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "holds no best.pt" in capsys.readouterr().err
+    assert f"no trained model at {tmp_path / 'best.safetensors'}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["export", "--model", str(student), "--format", "tflite", "--out", str(tmp_path / "m.tflite")])
     assert exit_info.value.code == 2 and "invalid choice: 'tflite'" in capsys.readouterr().err
@@ -116,7 +116,7 @@ def test_bad_input_is_named_with_a_non_zero_exit(student, images, tmp_path, caps
     score = ["score", str(images[0]), "--engine", "onnxruntime", "--quiet", "--workers", "0"]
     assert main([*score, "--model", str(tmp_path)]) == 2
     assert f"--model {tmp_path} holds no model.onnx" in capsys.readouterr().err
-    assert main([*score, "--model", str(student / "best.pt")]) == 2
+    assert main([*score, "--model", str(student / "best.safetensors")]) == 2
     assert "is not a .onnx file" in capsys.readouterr().err
     assert main([*score, "--model", str(student), "--device", "cuda"]) == 2
     assert "runs on the CPU" in capsys.readouterr().err

@@ -91,11 +91,11 @@ def test_training_killed_twice_resumes_from_s3_to_the_uninterrupted_result(tiny_
     download_prefix(uri, tmp_path / "after-kill-1", client)
     assert load_checkpoint(tmp_path / "after-kill-1" / LAST)["epoch"] == 0
 
-    # 2: same machine, resume; SIGKILL while the checkpoint of epoch 1 is being committed to S3: last.pt is up,
+    # 2: same machine, resume; SIGKILL while the checkpoint of epoch 1 is being committed to S3: last.safetensors is up,
     # its sidecar object is still the previous one.
-    second = _start([*resumable, "--cache", str(node)], env, "upload:last.pt", marker)
-    assert _kill_when_paused(second, marker) == "upload:last.pt"
-    stale_sidecar = client.get_object(Bucket="faults", Key="runs/teacher/last.pt.sha256")["Body"].read().decode()
+    second = _start([*resumable, "--cache", str(node)], env, "upload:last.safetensors", marker)
+    assert _kill_when_paused(second, marker) == "upload:last.safetensors"
+    stale_sidecar = client.get_object(Bucket="faults", Key="runs/teacher/last.safetensors.sha256")["Body"].read().decode()
     shutil.rmtree(tmp_path / "after-kill-1")
     download_prefix(uri, tmp_path / "after-kill-2", client)
     actual = file_digests(tmp_path / "after-kill-2" / LAST)[0]
@@ -157,13 +157,13 @@ def test_corrupt_or_partial_checkpoints_are_refused_and_never_loaded(tmp_path):
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
     path.write_bytes(bytes(flipped))  # same size, one bit pattern changed
-    with pytest.raises(DataError, match=r"last\.pt is corrupt or partial \(checksum mismatch"):
+    with pytest.raises(DataError, match=r"last\.safetensors is corrupt or partial \(checksum mismatch"):
         load_checkpoint(path)
     path.write_bytes(good[: len(good) // 3])  # a partial file
     with pytest.raises(DataError, match="corrupt or partial"):
         load_checkpoint(path)
     (tmp_path / f"{LAST}.sha256").unlink()
-    with pytest.raises(DataError, match="has no checksum file last.pt.sha256"):
+    with pytest.raises(DataError, match="has no checksum file last.safetensors.sha256"):
         load_checkpoint(path)
 
 

@@ -114,7 +114,7 @@ def test_validate_reports_in_html_and_fails_on_a_failed_check(demo, manifest, tm
 def test_training_components_log_the_chosen_epochs_validation_metrics(chain):
     for model, metrics in (("teacher", "teacher_metrics"), ("student", "student_metrics")):
         summary = json.loads((Path(chain[model].path) / "summary.json").read_text())
-        assert (Path(chain[model].path) / "best.pt").is_file()
+        assert (Path(chain[model].path) / "best.safetensors").is_file()
         assert chain[metrics].metadata["val_srcc"] == pytest.approx(summary["val"]["srcc"])
         assert chain[metrics].metadata["val_plcc_raw"] == pytest.approx(summary["val"]["plcc_raw"])
         assert chain[metrics].metadata["best_epoch"] == summary["best_epoch"] == 0

@@ -235,7 +235,7 @@ def test_registered_model_has_signature_and_input_example(promotions, client):
     assert [(p.name, p.default) for p in meta.signature.params.params] == [("on_error", "reject")]
     example = json.loads((local / meta.saved_input_example_info["artifact_path"]).read_text())
     assert example["columns"] == ["image"] and base64.b64decode(example["data"][0][0])[:4] == b"\x89PNG"
-    assert (local / "artifacts" / "checkpoint" / "best.pt.sha256").is_file()
+    assert (local / "artifacts" / "checkpoint" / "best.safetensors.sha256").is_file()
     assert (local / "artifacts" / "checkpoint" / "model.onnx").is_file()
 
 

@@ -69,8 +69,8 @@ def test_training_run_holds_params_epochs_artifacts_and_tags(teacher, client, st
     assert tags["qfm.dvc_data_hash"] == "untracked"  # the tiny demo is not under DVC
     assert json.loads(tags["qfm.split_protocol"])["seed"] == 2024 and tags["qfm.split"] == "split_0"
     assert tags["qfm.data_version"] == data_tags(tiny_demo, "split_0")["qfm.data_version"]
-    assert tags["qfm.checkpoint.best.pt"] == (teacher / "best.pt").resolve().as_uri()
-    assert tags["qfm.checkpoint_sha256"] == (teacher / "best.pt.sha256").read_text().strip()
+    assert tags["qfm.checkpoint.best.safetensors"] == (teacher / "best.safetensors").resolve().as_uri()
+    assert tags["qfm.checkpoint_sha256"] == (teacher / "best.safetensors.sha256").read_text().strip()
 
 
 def test_same_inputs_twice_make_one_finished_run(teacher, client, store, tiny_demo, tmp_path, capsys):

@@ -149,13 +149,13 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_
 
 
 def test_corrupt_or_partial_checkpoint_is_refused(tmp_path):
-    path = save_checkpoint({"x": torch.arange(10)}, tmp_path / "last.pt")
+    path = save_checkpoint({"x": torch.arange(10)}, tmp_path / "last.safetensors")
     assert torch.equal(load_checkpoint(path)["x"], torch.arange(10))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="corrupt or partial"):
         load_checkpoint(path)
-    (tmp_path / "last.pt.sha256").unlink()
+    (tmp_path / "last.safetensors.sha256").unlink()
     with pytest.raises(DataError, match="no checksum"):
         load_checkpoint(path)
 
@@ -249,5 +249,5 @@ def test_crop_normalisation_must_match_the_model(chain, tiny_demo, tmp_path):
     state = load_checkpoint(chain["out"] / "teacher" / BEST)
     state["crop"]["std"] = [0.5, 0.5, 0.5]
     bad = save_checkpoint(state, tmp_path / BEST)
-    with pytest.raises(ConfigError, match=r"best.pt: crop std .* differs from the model's std"):
+    with pytest.raises(ConfigError, match=r"best.safetensors: crop std .* differs from the model's std"):
         load_trained_model(bad)

@@ -135,10 +135,14 @@ def _hub_message(arch: str, why: str) -> str:
 
 
 def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped from {'model': ...}-style containers."""
+    """The tensors of a checkpoint file (safetensors: a qfm checkpoint or plain weights; else a PyTorch file,
+    read weights-only), unwrapped from {'model': ...}-style containers."""
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):  # training checkpoints hold numpy RNG state
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            obj = _read_safetensors(path)
+        else:
+            with torch.serialization.safe_globals(numpy_globals()):  # older qfm checkpoints hold numpy RNG state
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), str(exc))
         raise ConfigError(
@@ -161,7 +165,23 @@ def read_state_dict(path: Path, source: str) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _numpy_globals() -> list:
+def _read_safetensors(path: Path) -> dict:
+    """A qfm checkpoint's state (its JSON header names the structure), or a plain safetensors weights file."""
+    from safetensors.torch import load
+
+    from qfm.train.checkpoint import HEADER_KEY, decode_state
+
+    data = path.read_bytes()
+    try:
+        return decode_state(data)
+    except (KeyError, TypeError):  # no qfm header: plain weights (e.g. timm's model.safetensors)
+        return load(data)
+    except Exception as exc:
+        raise ValueError(f"not a readable safetensors file ({exc}); a qfm checkpoint has a '{HEADER_KEY}' header") \
+            from exc
+
+
+def numpy_globals() -> list:
     """NumPy arrays and scalars, allowed by torch.load(weights_only=True) alongside tensors."""
     import numpy as np
     from numpy._core.multiarray import _reconstruct, scalar

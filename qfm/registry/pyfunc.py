@@ -4,7 +4,7 @@ Input columns (one of them per row): `image`, the encoded file's bytes (base64 t
 `path`, an image file the model can read. Output columns: `score` (0-1, higher = better, the deterministic
 multi-crop test of `qfm score`), `crop_std`, `error` (None, or why the row's image could not be scored).
 Scoring is qfm.inference's, as for `qfm score`, so `mlflow models serve` and `qfm score` give the same
-numbers. The model's artifact is a folder with the checkpoint (best.pt and its checksum) and, when the model
+numbers. The model's artifact is a folder with the checkpoint (best.safetensors and its checksum) and, when the model
 could be exported, its ONNX form (model.onnx): `QFM_ENGINE=onnxruntime` scores with that instead of torch.
 
 A request is checked before anything is decoded, and every refusal is an HTTP 400 whose message names the
@@ -227,7 +227,7 @@ def requirements() -> list[str]:
 
 
 def log_scorer(checkpoint: str | Path, example_image: str | Path, name: str = "model") -> ModelInfo:
-    """Log best.pt (and its checksum) and its ONNX export as a pyfunc model in the active run, with the
+    """Log best.safetensors (and its checksum) and its ONNX export as a pyfunc model in the active run, with the
     signature and one image (base64, as a client sends it) as the input example; returns MLflow's ModelInfo."""
     from qfm.export import ONNX_FILE, export_model
 
@@ -236,7 +236,7 @@ def log_scorer(checkpoint: str | Path, example_image: str | Path, name: str = "m
         folder = Path(tmp) / ARTIFACT
         folder.mkdir()
         for file in (checkpoint, checkpoint.with_name(checkpoint.name + ".sha256")):
-            shutil.copy2(file, folder / file.name.replace(checkpoint.name, "best.pt"))
+            shutil.copy2(file, folder / file.name.replace(checkpoint.name, "best.safetensors"))
         try:
             export_model(folder, "onnx", folder / ONNX_FILE)
         except QfmError as exc:  # a model without an ONNX form still registers; it serves on torch only

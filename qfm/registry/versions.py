@@ -106,7 +106,7 @@ def current(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
 
 @contextmanager
 def version_checkpoint(client: MlflowClient, version: ModelVersion) -> Iterator[Path]:
-    """The version's best.pt, downloaded into a temporary folder that lives for the with-block."""
+    """The version's best.safetensors, downloaded into a temporary folder that lives for the with-block."""
     import mlflow
     from mlflow.models import Model
 
@@ -117,12 +117,12 @@ def version_checkpoint(client: MlflowClient, version: ModelVersion) -> Iterator[
         artifacts = Model.load(local / "MLmodel").flavors["python_function"].get("artifacts", {})
         if "checkpoint" not in artifacts:
             raise QfmError(f"model '{version.name}' version {version.version} is not a qfm model (no checkpoint)")
-        yield local / artifacts["checkpoint"]["path"] / "best.pt"
+        yield local / artifacts["checkpoint"]["path"] / "best.safetensors"
 
 
 @contextmanager
 def checkpoint_from_uri(uri: str, tracking_uri: str) -> Iterator[Path]:
-    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` at the tracking URI -> a local best.pt (temporary)."""
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` at the tracking URI -> a local best.safetensors (temporary)."""
     from qfm.tracking import check_reachable
 
     name, alias, number = parse_model_uri(uri)

@@ -42,7 +42,7 @@ PROMOTION_TAG = "qfm.promotion"
 def promote(model_dir: str | Path, manifest_dir: str | Path, out_dir: str | Path, params: PromoteParams,
             run: RunParams, *, eval_dir: str | Path | None = None, tracking: TrackingParams | None = None,
             workers: int | str = "auto", progress: bool = True) -> dict:
-    """Register model_dir/best.pt as `params.model_name`, alias it `challenger`, and `champion` if it passes
+    """Register model_dir/best.safetensors as `params.model_name`, alias it `challenger`, and `champion` if it passes
     the gate; writes out_dir/promotion.json and returns the same dict. MLflow at $MLFLOW_TRACKING_URI, else
     `tracking.uri` (None: the project's SQLite store); the promote run is logged even if tracking.enabled is
     off. The same checkpoint against the same champion is the same promotion: no new version, no new run."""

@@ -21,7 +21,7 @@ ENGINES = ("torch", "onnxruntime")
 
 
 def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.Module, dict]:
-    """(model, checkpoint state) from a model folder, a best.pt, or a registered model (models:/NAME@ALIAS,
+    """(model, checkpoint state) from a model folder, a best.safetensors, or a registered model (models:/NAME@ALIAS,
     models:/NAME/VERSION; the MLflow tracking URI is $MLFLOW_TRACKING_URI, else the project's default)."""
     if str(model_ref).startswith(MODEL_URI):
         from qfm.config import TrackingParams
@@ -30,8 +30,7 @@ def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.
 
         with checkpoint_from_uri(str(model_ref), tracking_uri(TrackingParams())) as path:
             return load_trained_model(path, resolve_device(device))
-    ref = Path(model_ref)
-    return load_trained_model(ref if ref.is_file() else model_path(ref), resolve_device(device))
+    return load_trained_model(model_path(model_ref), resolve_device(device))
 
 
 def load_engine_model(model_ref: str | Path, engine: str = "torch",

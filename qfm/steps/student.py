@@ -73,12 +73,12 @@ def uses_pseudo_labels(params: StudentParams) -> bool:
 
 
 @tracked("train_student", inputs=("manifest_dir", "teacher_dir", "pseudo_dir", "bank_dir"), outputs=TRAINING_OUTPUTS,
-         checkpoints=("best.pt",))
+         checkpoints=("best.safetensors",))
 def train_student(manifest_dir: str | Path, out_dir: str | Path, params: StudentParams, run: RunParams, *,
                   teacher_dir: str | Path | None = None, pseudo_dir: str | Path | None = None,
                   bank_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
                   on_epoch=None) -> dict:
-    """Train the student; writes best.pt, last.pt, history.json, training_curves.png, summary.json."""
+    """Train the student; writes best.safetensors, last.safetensors, history.json, training_curves.png, summary.json."""
     device = setup(run)
     manifest = manifest_for_split(manifest_dir, run.split)
     pseudo = read_pseudo_labels(pseudo_dir if uses_pseudo_labels(params) else None)

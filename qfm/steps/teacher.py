@@ -14,10 +14,10 @@ from qfm.train.fit import build_model, crop_config, fit
 from qfm.train.steps import plain_step
 
 
-@tracked("train_teacher", inputs=("manifest_dir",), outputs=TRAINING_OUTPUTS, checkpoints=("best.pt",))
+@tracked("train_teacher", inputs=("manifest_dir",), outputs=TRAINING_OUTPUTS, checkpoints=("best.safetensors",))
 def train_teacher(manifest_dir: str | Path, out_dir: str | Path, params: TrainParams, run: RunParams, *,
                   resume: bool = False, progress: bool = True, on_epoch=None) -> dict:
-    """Train on split `run.split`'s train part; writes best.pt, last.pt, history.json, summary.json."""
+    """Train on split `run.split`'s train part; writes best.safetensors, last.safetensors, history.json, summary.json."""
     manifest = manifest_for_split(manifest_dir, run.split)
     model = build_model(params)
     crops = crop_config(params, model)

@@ -3,8 +3,8 @@ the step runs; an output folder is written locally and uploaded after it (and af
 so a step on a preemptible machine resumes from S3 on another one.
 
 S3 is the reference: on --resume the local mirror is brought to the S3 copy (an unfinished local epoch is
-redone, with the same result). A run folder's commit files (``last.pt`` then its sidecar) are uploaded last,
-so the S3 copy never holds a ``last.pt`` newer than its ``best.pt`` and history.
+redone, with the same result). A run folder's commit files (``last.safetensors`` then its sidecar) are uploaded last,
+so the S3 copy never holds a ``last.safetensors`` newer than its ``best.safetensors`` and history.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from qfm.storage.s3 import (
 )
 from qfm.storage.uri import cache_path, parse_s3_uri
 
-COMMIT_LAST = ("last.pt", "last.pt.sha256")
+COMMIT_LAST = ("last.safetensors", "last.safetensors.sha256")
 SIDECAR = ".sha256"
 
 
@@ -100,6 +100,6 @@ class StagedOutput:
         self.local.mkdir(parents=True, exist_ok=True)
 
     def push(self, _record: dict | None = None) -> TransferReport:
-        """Upload the folder (unchanged files skipped, last.pt and its sidecar last). Usable as on_epoch."""
+        """Upload the folder (unchanged files skipped, last.safetensors and its sidecar last). Usable as on_epoch."""
         return upload_dir(self.local, self.uri, self.client, workers=self.storage.workers, commit_last=COMMIT_LAST,
                           progress=self.progress)

@@ -1,6 +1,14 @@
-"""Training checkpoints: atomic writes (temp file, fsync, rename) and a checksum that refuses partial files.
+"""Training checkpoints without pickle: atomic writes (temp file, fsync, rename) and a checksum that refuses
+partial files.
 
-A checkpoint is ``DIR/<name>.pt`` plus ``DIR/<name>.pt.sha256``. A write puts both into temporary files
+A checkpoint is one safetensors file, ``DIR/<name>.safetensors``: every tensor of the state (model weights,
+optimizer moments, RNG states) is a safetensors tensor, and everything else (recipe, crop settings, epoch,
+metrics, history, the structure that puts the tensors back in place) is JSON in the file's header
+(``__metadata__["qfm"]``). Loading parses JSON and raw tensors only: nothing is unpickled, so a checkpoint
+from S3 or the registry cannot run code. A pickled ``.pt`` from an older qfm is refused with the command
+that converts it (``qfm convert``, see ``convert_checkpoint``).
+
+Beside it, ``DIR/<name>.safetensors.sha256``. A write puts both into temporary files
 (fsynced), renames the data into place, then the checksum. A kill before the first rename leaves the
 previous checkpoint; a kill between the two renames leaves the new data beside the old checksum and the
 new checksum still under its temporary name: the loader finds that temporary checksum, sees that it
@@ -11,21 +19,27 @@ never loaded. On S3 (see qfm.storage.staging) the object's own sha256 metadata p
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import os
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
 from qfm.errors import DataError
 from qfm.faults import pause_point
 
-LAST = "last.pt"
-BEST = "best.pt"
+LAST = "last.safetensors"
+BEST = "best.safetensors"
 SIDECAR = ".sha256"
+LEGACY_SUFFIX = ".pt"  # pickled checkpoints of earlier qfm versions: converted by `qfm convert`, never loaded
+HEADER_KEY = "qfm"     # the safetensors metadata entry holding the JSON of everything but the tensors
+_TENSOR, _ARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
 
 
 def _sha256(data: bytes) -> str:
@@ -62,9 +76,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     sidecar = path.with_name(path.name + SIDECAR)
     for stale in (*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{sidecar.name}.tmp-*")):
         stale.unlink(missing_ok=True)  # left by a writer killed earlier
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    data = buffer.getvalue()
+    data = encode_state(state)
     tmp_data, tmp_sidecar = _temp(path), _temp(sidecar)
     _write_synced(tmp_data, data)
     _write_synced(tmp_sidecar, (_sha256(data) + "\n").encode())
@@ -88,8 +100,12 @@ def _finish_interrupted_write(path: Path, digest: str) -> bool:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint after verifying its checksum; a partial or corrupt file is refused, never loaded."""
+    """Read a checkpoint after verifying its checksum; a partial or corrupt file is refused, never loaded, and
+    so is a pickled one (it names the conversion command)."""
     path = Path(path)
+    if path.suffix == LEGACY_SUFFIX or (not path.exists() and path.with_suffix(LEGACY_SUFFIX).is_file()):
+        legacy = path if path.suffix == LEGACY_SUFFIX else path.with_suffix(LEGACY_SUFFIX)
+        raise DataError(legacy_message(legacy))
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
     digest_file = path.with_name(path.name + SIDECAR)
@@ -105,9 +121,119 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise DataError(f"checkpoint {path} is corrupt or partial (checksum mismatch: {len(data)} bytes); "
                         "refusing to load it (delete it to start from the previous checkpoint or from scratch)")
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise DataError(f"checkpoint {path} cannot be read ({exc})") from exc
+        state = decode_state(data)
+    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
+        raise DataError(f"checkpoint {path} cannot be read as a qfm safetensors checkpoint ({exc})") from exc
+    return _to_device(state, torch.device(map_location))
+
+
+def legacy_message(path: Path) -> str:
+    """The one-line answer to a pickled checkpoint of an earlier qfm: how to convert it."""
+    return (f"checkpoint {path} is a pickled PyTorch file of an earlier qfm; qfm loads only safetensors "
+            f"checkpoints (no code can run on loading). Convert it once: qfm convert {path}")
+
+
+def encode_state(state: dict[str, Any]) -> bytes:
+    """A checkpoint's bytes: the state's tensors and arrays as safetensors, the rest as JSON in the header."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _encode(state, tensors, "state")
+    return save_tensors(tensors, metadata={HEADER_KEY: json.dumps(skeleton)})
+
+
+def decode_state(data: bytes) -> dict[str, Any]:
+    """encode_state's inverse, from raw bytes: JSON and tensors only."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    skeleton = json.loads(header["__metadata__"][HEADER_KEY])
+    return _decode(skeleton, load_tensors(data))
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """JSON-able form of a state value; tensors and arrays move into `tensors` and leave a reference."""
+    if isinstance(value, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = value.detach().cpu().contiguous().clone()  # own memory: safetensors refuses shared storage
+        return {_TENSOR: key}
+    if isinstance(value, np.ndarray):
+        key = f"t{len(tensors)}"
+        widened = value.astype(np.int64) if value.dtype.kind in "iu" else value  # torch lacks some unsigned types
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(widened)).clone()
+        return {_ARRAY: key, "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {_TUPLE: [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, tensors, f"{where}.{k}") for k, v in value.items()}
+        return {_ITEMS: [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")]
+                         for k, v in value.items()]}
+    raise DataError(f"checkpoint value {where} is a {type(value).__name__}: a checkpoint holds tensors, arrays, "
+                    "numbers, strings, lists, tuples and dicts only")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TENSOR in value:
+        return tensors[value[_TENSOR]]
+    if _ARRAY in value:
+        return tensors[value[_ARRAY]].numpy().astype(np.dtype(value["dtype"]))
+    if _TUPLE in value:
+        return tuple(_decode(v, tensors) for v in value[_TUPLE])
+    if _ITEMS in value:
+        return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in value[_ITEMS]}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def convert_checkpoint(source: str | Path, out: str | Path | None = None, trust: bool = False) -> Path:
+    """A pickled checkpoint of an earlier qfm, rewritten as a safetensors checkpoint (default: beside it, as
+    .safetensors). The pickle is read with torch's weights-only loader (tensors, NumPy arrays and plain
+    values; anything that could run code is refused) unless trust=True, for a file you made yourself."""
+    import pickle
+
+    from qfm.models.weights import numpy_globals
+
+    source = Path(source)
+    if not source.is_file():
+        raise DataError(f"{source} does not exist: give the pickled checkpoint (e.g. artifacts/student/best.pt)")
+    out = Path(out) if out is not None else source.with_suffix(".safetensors")
+    try:
+        with torch.serialization.safe_globals(numpy_globals()):
+            state = torch.load(source, map_location="cpu", weights_only=not trust)
+    except pickle.UnpicklingError as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line),
+                      str(exc).splitlines()[0])
+        raise DataError(f"{source} holds objects that torch's weights-only loader refuses ({reason}): it was not "
+                        "converted, and nothing in it ran. If you made this file yourself and trust it, "
+                        "qfm convert --trust unpickles it fully") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise DataError(f"{source} is not a readable PyTorch checkpoint ({exc})") from exc
+    if not isinstance(state, dict):
+        raise DataError(f"{source} holds a {type(state).__name__}, not a checkpoint dict")
+    return save_checkpoint(state, out)
 
 
 def rng_state() -> dict[str, Any]:

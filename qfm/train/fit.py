@@ -60,7 +60,7 @@ def build_model(params: TrainParams):
 def crop_config(params: TrainParams, model: nn.Module) -> CropConfig:
     """Crops from params (uint8, normalised by the model), mean/std from the model's own weights config."""
     return CropConfig(crop_size=params.crop_size, n_crops=params.n_crops, test_grid=params.test_grid,
-                      resize=params.resize, mean=model.mean, std=model.std)
+                      resize=params.resize, mean=model.mean, std=model.std, reduced_decode=True)
 
 
 def check_normalisation(crop: CropConfig | dict, model: nn.Module, what: str) -> None:
@@ -113,7 +113,7 @@ def dataset_digest(dataset: ManifestCropDataset) -> str:
 def run_identity(params: TrainParams, train_set: ManifestCropDataset, val_set: ManifestCropDataset,
                  inputs: Mapping[str, str] | None = None) -> dict:
     """What a training run's result depends on: its parameters (not the execution-only ones), its data and
-    any other inputs the caller names (e.g. the student's partner table); stored in every last.pt."""
+    any other inputs the caller names (e.g. the student's partner table); stored in every last.safetensors."""
     return {"params": {k: v for k, v in asdict(params).items() if k not in EXECUTION_ONLY},
             "data": {"train": dataset_digest(train_set), "val": dataset_digest(val_set), **dict(inputs or {})}}
 
@@ -144,7 +144,7 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
 
     The best epoch is the one whose validation metric is best in the metric's own direction (RMSE: lowest);
     an epoch whose metric could not be computed is never chosen. `inputs` names other inputs the result
-    depends on (digests); `resume` continues OUT/last.pt only if it was made with the same parameters,
+    depends on (digests); `resume` continues OUT/last.safetensors only if it was made with the same parameters,
     data and inputs."""
     started = time.perf_counter()
     check_metric(params.select_metric, "select_metric")
