@@ -9,8 +9,8 @@ from components.base import load_section, local_manifest, note_summary, qfm_comp
 def evaluate(manifest: Input[Dataset], dataset: Input[Dataset], model: Input[Model], run: str, tracking: str,
              results: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown]) -> float:
     """Write metrics.json, predictions.csv and scatter.png into `results`; log SRCC, KRCC, PLCC (raw and
-    logistic-fitted) and RMSE as metrics; a Markdown report; return the test SRCC (the pipeline's promotion
-    gate reads it: one plain output, because kfp.local 2.17 cannot resolve a NamedTuple field in a dsl.If)."""
+    logistic-fitted) and RMSE as metrics; a Markdown report; return the test SRCC (reported only: the
+    promotion gate reads the student's validation SRCC)."""
     from qfm.steps.evaluate import evaluate as test
 
     settings = load_section("run", run)

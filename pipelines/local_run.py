@@ -37,7 +37,7 @@ def prepare_dataset(params: dict, dataset: str | Path | None) -> Path:
     raise DataError(f"dataset folder {path} does not exist: pass --dataset DIR or set ingest.root in the params file")
 
 
-def run_local(params: dict, dataset: Path, out: str | Path, min_srcc: float = 0.0) -> Path:
+def run_local(params: dict, dataset: Path, out: str | Path, min_val_srcc: float = 0.0) -> Path:
     """Run the pipeline under kfp.local; returns the run's folder (one subfolder per step)."""
     from kfp import local
 
@@ -51,7 +51,7 @@ def run_local(params: dict, dataset: Path, out: str | Path, min_srcc: float = 0.
     try:
         with warnings.catch_warnings():  # the image is the project image, i.e. this very environment
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
-            qfm_pipeline(dataset_uri=str(dataset), min_srcc=min_srcc, **section_arguments(params))
+            qfm_pipeline(dataset_uri=str(dataset), min_val_srcc=min_val_srcc, **section_arguments(params))
     except RuntimeError as exc:  # kfp.local: a task failed; its log (with qfm's message) is printed above
         raise DataError(f"the local pipeline run failed: {exc}") from exc
     finally:
@@ -72,19 +72,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one parameter (repeatable)")
     parser.add_argument("--dataset", help="dataset folder (default: ingest.root)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"local pipeline root (default {DEFAULT_OUT})")
-    parser.add_argument("--min-srcc", type=float, default=0.0, help="promote only at this test SRCC or above")
+    parser.add_argument("--min-val-srcc", type=float, default=0.0,
+                        help="register the student only at this validation SRCC or above")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params, overrides=args.set)
         dataset = prepare_dataset(params, args.dataset)
         started = time.perf_counter()
-        run_dir = run_local(params, dataset, args.out, args.min_srcc)
+        run_dir = run_local(params, dataset, args.out, args.min_val_srcc)
     except QfmError as exc:
         print(f"pipelines.local_run: error: {exc}", file=sys.stderr)
         return 2
     print(f"local pipeline run finished in {time.perf_counter() - started:.1f} s; outputs in {run_dir}")
     if not (run_dir / "promote").is_dir():
-        print(f"promote did not run: the test SRCC is below --min-srcc {args.min_srcc} (see {run_dir / 'evaluate'})")
+        print(f"promote did not run: the student's validation SRCC is below --min-val-srcc {args.min_val_srcc} "
+              f"(see {run_dir / 'train-student'})")
     return 0
 
 

@@ -77,7 +77,7 @@ def qfm_pipeline(
     train_student: str = _DEFAULTS["train_student"],
     tracking: str = _DEFAULTS["tracking"],
     promote: str = _DEFAULTS["promote"],
-    min_srcc: float = 0.0,
+    min_val_srcc: float = 0.0,
     accelerator_type: str = "nvidia.com/gpu",
     gpu_count: int = 1,
     gpu_node_selector: dict = {},  # noqa: B006 (a KFP pipeline parameter default must be a literal)
@@ -87,8 +87,9 @@ def qfm_pipeline(
 ):
     """dataset_uri: the dataset release as published (e.g. s3://bucket/datasets/koniq10k), imported as a
     Dataset artifact. The section parameters are params.yaml's sections as JSON. The student reaches the
-    registry (promote) only when its test SRCC is at least min_srcc; there, promote's own gate decides whether
-    it becomes the champion (validation metric against the champion's, on the same data)."""
+    registry (promote) only when its validation SRCC (of the epoch chosen on val) is at least min_val_srcc; there,
+    promote's own gate decides whether it becomes the champion (validation metric against the champion's, on
+    the same data). The test figures are reported, never used to decide."""
     def step(task, cache=True):
         return _qfm_step(task, image, s3_secret, mlflow_secret, cache=cache)
 
@@ -110,7 +111,7 @@ def qfm_pipeline(
                                    run=run, tracking=tracking))
     evaluation = gpu(qc.evaluate(manifest=manifest, dataset=data, model=student.outputs["model"], run=run,
                                  tracking=tracking))
-    with dsl.If(evaluation.outputs["Output"] >= min_srcc, name="test-srcc-at-least-min-srcc"):
+    with dsl.If(student.outputs["Output"] >= min_val_srcc, name="val-srcc-at-least-min-val-srcc"):
         step(qc.promote(manifest=manifest, dataset=data, model=student.outputs["model"],
                         evaluation=evaluation.outputs["results"], params=promote, run=run, tracking=tracking),
              cache=False)

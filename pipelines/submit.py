@@ -66,7 +66,7 @@ def build_submission(args: argparse.Namespace) -> Submission:
         "dataset_uri": _remote_uri("--dataset-uri", args.dataset_uri),
         "image": args.image.strip(),
         **section_arguments(params),
-        "min_srcc": args.min_srcc,
+        "min_val_srcc": args.min_val_srcc,
         "accelerator_type": args.accelerator_type,
         "gpu_count": args.gpu_count,
         "gpu_node_selector": _json_option("--node-selector", args.node_selector, dict),
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default="qfm", help="experiment name (default qfm; created if new)")
     parser.add_argument("--run-name", help="run name (default qfm-FORMAT-SPLIT-TIME)")
     parser.add_argument("--namespace", help="Kubeflow namespace (multi-user deployments)")
-    parser.add_argument("--min-srcc", type=float, default=0.0, help="promote only at this test SRCC or above")
+    parser.add_argument("--min-val-srcc", type=float, default=0.0,
+                        help="register the student only at this validation SRCC or above")
     parser.add_argument("--accelerator-type", default="nvidia.com/gpu", help="GPU resource name")
     parser.add_argument("--gpu-count", type=int, default=1, help="GPUs per GPU step (default 1)")
     parser.add_argument("--node-selector", default="{}", help="GPU steps' nodeSelector, JSON object")

@@ -122,3 +122,13 @@ def test_changing_one_parameter_reruns_only_what_is_downstream(project):
     assert ran(plan) == ["train_student"]
     lock = yaml.safe_load((project["root"] / "dvc.lock").read_text())["stages"]
     assert all("artifacts/student" in [d["path"] for d in lock[s]["deps"]] for s in ("evaluate", "promote"))
+
+
+def test_training_needs_a_passing_validation_and_image_readers_depend_on_the_images(project):
+    """`dvc repro train_teacher` alone runs validate first (a failed validation stops it before any training);
+    every stage that reads the dataset's images lists the dataset root."""
+    dag, _ = run(["dvc", "dag", "train_teacher"], project["root"], project["env"])
+    assert "validate" in dag.stdout and "train_student" not in dag.stdout
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    readers = ("validate", "train_teacher", "pseudo_label", "build_bank", "train_student", "evaluate", "promote")
+    assert [s for s in readers if "${ingest.root}" not in stages[s]["deps"]] == []

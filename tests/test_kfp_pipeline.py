@@ -99,8 +99,8 @@ def test_caching_and_the_promotion_gate(compiled):
     for step in QFM_STEPS - {"promote"}:
         assert tasks[step]["cachingOptions"] == {"enableCache": True}
     gate = tasks["condition-1"]
-    assert gate["triggerPolicy"]["condition"] == ("inputs.parameter_values['pipelinechannel--evaluate-Output'] >= "
-                                                  "inputs.parameter_values['pipelinechannel--min_srcc']")
+    assert gate["triggerPolicy"]["condition"] == ("inputs.parameter_values['pipelinechannel--train-student-Output'] "
+                                                  ">= inputs.parameter_values['pipelinechannel--min_val_srcc']")
     promote = spec["components"]["comp-condition-1"]["dag"]["tasks"]["promote"]
     assert not promote.get("cachingOptions", {}).get("enableCache")
     assert tasks["train-teacher"]["dependentTasks"] == ["importer", "ingest", "validate"]  # gated on validation
