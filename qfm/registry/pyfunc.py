@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 
@@ -53,7 +54,12 @@ _log = logging.getLogger(__name__)
 
 
 class QfmScorer(mlflow.pyfunc.PythonModel):
-    """Loads the model once (torch checkpoint or ONNX export); predict scores a DataFrame of images."""
+    """Loads the model once (torch checkpoint or ONNX export); predict scores a DataFrame of images, one
+    request at a time: the model already uses every core, and concurrent requests (the scoring server runs
+    each in a thread) would only oversubscribe them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
 
     def load_context(self, context) -> None:
         from qfm.steps.score import load_engine_model
@@ -64,8 +70,9 @@ class QfmScorer(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         try:
-            return score_frame(self.model, self.state, model_input, device=self.device,
-                               on_error=(params or {}).get("on_error", "reject"))
+            with self.lock:
+                return score_frame(self.model, self.state, model_input, device=self.device,
+                                   on_error=(params or {}).get("on_error", "reject"))
         except MlflowException:
             raise
         except QfmError as exc:
