@@ -34,7 +34,6 @@ from qfm.inference import score_files
 from qfm.onnx_engine import load_onnx_model
 from qfm.quantize import quantize_file
 from qfm.runtime import loader_workers, resolve_device
-from qfm.train.engine import predict
 from qfm.train.fit import load_trained_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,8 +142,8 @@ def main() -> None:
         load_trained_model(checkpoint, "cpu")[0].to(memory_format=torch.contiguous_format).eval(),
         crops.float().contiguous() * torch_model.pixel_scale - torch_model.pixel_shift, args.batch))["wall_s"]
     for name, (model, model_state) in engines.items():
-        row = timed(lambda: score_files(model, model_state, paths, device=device, batch_size=args.batch,
-                                        workers=workers, progress=False))
+        row = timed(lambda m=model, s=model_state: score_files(m, s, paths, device=device, batch_size=args.batch,
+                                                               workers=workers, progress=False))
         row["model_crops_per_s"] = len(crops) / timed(model_only(model, crops, args.batch))["wall_s"]
         rows[name] = row
     for name, row in rows.items():

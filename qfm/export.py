@@ -24,7 +24,7 @@ from torch import nn
 from qfm.data.torch_dataset import CropConfig
 from qfm.errors import ConfigError, DataError
 from qfm.steps.common import model_path
-from qfm.train.checkpoint import BEST, LAST, SIDECAR, load_checkpoint
+from qfm.train.checkpoint import LAST, SIDECAR, load_checkpoint
 from qfm.train.fit import load_trained_model
 
 FORMATS = ("onnx", "torchscript")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from qfm.cli import main
-from qfm.eval.metrics import srcc
 from qfm.config import RunParams, StudentParams
+from qfm.eval.metrics import srcc
 from qfm.export import CROP_KEY, read_torchscript
 from qfm.steps.score import score_images
 from qfm.train.fit import load_trained_model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,18 @@ def test_image_bootstrap_prefers_the_better_predictor():
     assert out["mean"] > 0 and out["ci"][0] > 0 and out["share_better"] > 0.99 and out["n_images"] == 240
     reverse = image_bootstrap([(m, b, a) for m, a, b in splits], "srcc", n_boot=500)
     assert reverse["mean"] == pytest.approx(-out["mean"]) and reverse["ci"][1] < 0
+
+
+@pytest.mark.parametrize("rows_file", sorted((Path(__file__).resolve().parents[1] / "benchmarks/studies")
+                                             .glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_rows_state_every_student_switch(rows_file):
+    """A committed study must rerun as it ran: each row sets QCC and DLE itself, so that a change of
+    params.yaml's defaults cannot turn a QCC row into a plain one; and every row's parameters validate."""
+    from qfm.steps.study import read_rows, row_params
+
+    rows, _ = read_rows(rows_file)
+    for row in rows:
+        keys = {o.split("=", 1)[0] for o in row.overrides}
+        assert {"train_student.qcc", "train_student.use_pseudo_labels"} <= keys, (rows_file.name, row.name)
+        params = row_params(rows_file.parents[1] / "clive_params.yaml", [], row)
+        assert params["train_student"].qcc == row.name.startswith(("qcc", "full")), row.name

@@ -77,7 +77,7 @@ class QfmScorer(mlflow.pyfunc.PythonModel):
             raise
         except QfmError as exc:
             raise bad_request(str(exc)) from None
-        except Exception:  # the details (and any server path) go to the server's log, not to the client
+        except Exception:  # noqa: BLE001 (the details, and any server path, go to the server's log, not the client)
             _log.exception("scoring a request failed")
             raise MlflowException("the model could not score this request; the server's log has the details",
                                   INTERNAL_ERROR) from None
