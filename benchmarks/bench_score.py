@@ -7,6 +7,7 @@
   onnxruntime      `qfm score --engine onnxruntime`: the fp32 ONNX export (qfm export)
   onnxruntime-int8 onnxruntime's static int8 form (qfm.quantize, calibrated on 32 other images); speed only:
                    whether int8 may be used is `qfm export --int8`'s validation gate
+  onnxruntime, 1 loader worker   the same, decoding and cropping on a loader process (overlap)
 
 For each: images/s end to end (decode, crop, model, mean over crops), the model alone on crops already cut
 (crops/s), CPU seconds (user, system) of the end-to-end pass, and the fraction of the FLOP roofline (FLOPs
@@ -146,6 +147,12 @@ def main() -> None:
                                                                workers=workers, progress=False))
         row["model_crops_per_s"] = len(crops) / timed(model_only(model, crops, args.batch))["wall_s"]
         rows[name] = row
+    # decoding and cropping on a loader process while onnxruntime runs (the product's default below 8 cores
+    # is in-process, as measured for training): does the overlap pay on this machine?
+    model, model_state = engines["onnxruntime"]
+    rows["onnxruntime, 1 loader worker"] = timed(lambda: score_files(
+        model, model_state, paths, device=device, batch_size=args.batch, workers=1, progress=False)) | {
+        "model_crops_per_s": rows["onnxruntime"]["model_crops_per_s"]}
     for name, row in rows.items():
         row["images_per_s"] = len(paths) / row["wall_s"]
         row["roofline_fraction"] = row["model_crops_per_s"] * flops_per_crop / rate
@@ -155,9 +162,9 @@ def main() -> None:
     print(f"{len(paths)} images x {crop.n_test_crops} crops, {torch.get_num_threads()} threads, {workers} loader "
           f"workers; {flops_per_crop / 1e9:.3f} GFLOP a crop; fp32 matmul {rate / 1e9:.0f} GFLOP/s")
     base = rows["eager"]["images_per_s"]
-    print(f"{'engine':18} {'images/s':>9} {'x eager':>8} {'user s':>7} {'sys s':>6} {'model crops/s':>14} {'roofline':>9}")
+    print(f"{'engine':30} {'images/s':>9} {'x eager':>8} {'user s':>7} {'sys s':>6} {'model crops/s':>14} {'roofline':>9}")
     for name, row in rows.items():
-        print(f"{name:18} {row['images_per_s']:9.2f} {row['images_per_s'] / base:8.2f} {row['user_s']:7.1f} "
+        print(f"{name:30} {row['images_per_s']:9.2f} {row['images_per_s'] / base:8.2f} {row['user_s']:7.1f} "
               f"{row['sys_s']:6.1f} {row['model_crops_per_s']:14.1f} {100 * row['roofline_fraction']:8.1f}%")
     if args.large:
         result["large_jpeg_s"] = large_jpeg_times(work, paths[0], crop)
