@@ -106,7 +106,7 @@ def test_score_command_runs_the_onnx_in_a_model_folder(student, images, tmp_path
 def test_bad_input_is_named_with_a_non_zero_exit(student, images, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert main(["export", "--model", str(missing), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
-    assert f"{missing} does not exist: pass a trained model folder" in capsys.readouterr().err
+    assert f"no trained model at {missing}: it does not exist; pass a trained model folder" in capsys.readouterr().err
     assert main(["export", "--model", str(tmp_path), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert f"no trained model at {tmp_path / 'best.safetensors'}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

@@ -30,8 +30,8 @@ def model_path(model_ref: str | Path) -> Path:
     if ref.is_file():
         return ref
     if not ref.exists():
-        raise DataError(f"{ref} does not exist: pass a trained model folder (holding {MODEL_FILE}) or the "
-                        "checkpoint file")
+        raise DataError(f"no trained model at {ref}: it does not exist; pass a trained model folder (holding "
+                        f"{MODEL_FILE}) or the checkpoint file")
     path = ref / MODEL_FILE
     if not path.is_file():
         legacy = path.with_suffix(LEGACY_SUFFIX)
