@@ -60,6 +60,9 @@ def build_submission(args: argparse.Namespace) -> Submission:
     params = load_params(args.params, overrides=args.set)
     if args.gpu_count < 0:
         raise ConfigError(f"--gpu-count must be 0 or more, got {args.gpu_count}")
+    if args.gpu_count > 1:  # the pipeline must ask for exactly the GPUs the code uses
+        raise ConfigError(f"--gpu-count {args.gpu_count}: each step trains and scores in one process on one GPU, "
+                          "so more would be reserved and left idle; use --gpu-count 1 (or 0 for the CPU image)")
     if not args.image.strip():
         raise ConfigError("--image is empty: give the pushed project image, e.g. registry.example.com/qfm:0.1.0-cuda")
     arguments = {
@@ -152,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-val-srcc", type=float, default=0.0,
                         help="register the student only at this validation SRCC or above")
     parser.add_argument("--accelerator-type", default="nvidia.com/gpu", help="GPU resource name")
-    parser.add_argument("--gpu-count", type=int, default=1, help="GPUs per GPU step (default 1)")
+    parser.add_argument("--gpu-count", type=int, default=1,
+                        help="GPUs per GPU step: 1 (default) or 0; each step uses one GPU at most")
     parser.add_argument("--node-selector", default="{}", help="GPU steps' nodeSelector, JSON object")
     parser.add_argument("--tolerations", default=json.dumps([{"key": "nvidia.com/gpu", "operator": "Exists",
                                                                "effect": "NoSchedule"}]),

@@ -161,7 +161,8 @@ def test_submit_checks_every_parameter_before_contacting_the_host(not_kfp, capsy
            (["--set", "train_student.lamda_qcc=0"], "did you mean 'lambda_qcc'"),
            (["--node-selector", "{gpu: a100}"], "--node-selector is not valid JSON"),
            (["--tolerations", "{}"], "--tolerations must be a JSON list"),
-           (["--gpu-count", "-1"], "--gpu-count must be 0 or more")]
+           (["--gpu-count", "-1"], "--gpu-count must be 0 or more"),
+           (["--gpu-count", "4"], "--gpu-count 4: each step trains and scores in one process on one GPU")]
     for extra, message in bad:
         assert submit.main(_submit(*extra, host=host)) == 2
         assert message in capsys.readouterr().err
