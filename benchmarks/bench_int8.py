@@ -14,11 +14,8 @@ import tempfile
 from pathlib import Path
 
 from qfm.data.torch_dataset import CropConfig
-from qfm.eval.metrics import srcc
 from qfm.export import CROP_KEY, export_model
-from qfm.inference import score_files
-from qfm.onnx_engine import load_onnx_model
-from qfm.quantize import calibration_images, quantize_file, split_paths
+from qfm.quantize import calibration_images, part_srcc, quantize_file
 from qfm.runtime import resolve_device
 
 
@@ -36,15 +33,9 @@ def main() -> None:
     quantize_file(work / "fp32.onnx", work / "int8.onnx",
                   calibration_images(args.manifest, args.split, crop, args.calibration_images))
     for part in ("val", "test"):
-        paths, mos = split_paths(args.manifest, args.split, part)
-        figures = {}
-        for name in ("fp32", "int8"):
-            model, state = load_onnx_model(work / f"{name}.onnx")
-            scores = score_files(model, state, paths, device="cpu", workers=0, progress=False)["score"]
-            figures[name] = srcc(scores.to_numpy(), mos)
-        print(f"{part}: {len(paths)} images, SRCC fp32 {figures['fp32']:.4f}, int8 {figures['int8']:.4f}, "
-              f"loss {figures['fp32'] - figures['int8']:+.4f}")
-
+        (fp32, n), (int8, _) = (part_srcc(work / f"{name}.onnx", args.manifest, args.split, part)
+                                for name in ("fp32", "int8"))
+        print(f"{part}: {n} images, SRCC fp32 {fp32:.4f}, int8 {int8:.4f}, loss {fp32 - int8:+.4f}")
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from qfm.data.manifest import read_manifest
+from qfm.data.splits import part_mask
 from qfm.data.torch_dataset import CropConfig, ImageListDataset
-from qfm.errors import ConfigError, DataError
+from qfm.errors import DataError
 from qfm.eval.metrics import srcc
 from qfm.export import CROP_KEY, INPUT_NAME
 
@@ -46,10 +47,7 @@ class Int8Result:
 def split_paths(manifest_dir: str | Path, split: str, part: str) -> tuple[list[Path], np.ndarray]:
     """The image files and scores of one part of a split."""
     manifest = read_manifest(manifest_dir)
-    frame = manifest.frame
-    if split not in frame.columns:
-        raise ConfigError(f"manifest {manifest_dir} has no split '{split}'; its splits: {manifest.split_columns}")
-    rows = frame[frame[split] == part]
+    rows = manifest.frame[part_mask(manifest.frame, split, part)]
     if rows.empty:
         raise DataError(f"split '{split}' of manifest {manifest_dir} has no {part} images")
     return [manifest.image_path(p) for p in rows["path"]], rows["mos"].to_numpy(dtype=float)
@@ -90,34 +88,42 @@ def calibration_images(manifest_dir: str | Path, split: str, crop: CropConfig, c
     return ImageListDataset([train_paths[i] for i in sorted(pick)], crop, train=False)
 
 
+def part_srcc(onnx_file: str | Path, manifest_dir: str | Path, split: str, part: str) -> tuple[float, int]:
+    """SRCC of an ONNX model on one part of a split (onnxruntime, the deterministic test crops), and the
+    number of images; an unreadable image is a DataError."""
+    from qfm.inference import score_files
+    from qfm.onnx_engine import load_onnx_model
+
+    paths, mos = split_paths(manifest_dir, split, part)
+    model, state = load_onnx_model(onnx_file)
+    scored = score_files(model, state, paths, device="cpu", workers=0, progress=False)
+    if scored["error"].notna().any():
+        raise DataError(f"{part} images of {split} could not be read: {scored['error'].dropna().iloc[0]}")
+    return srcc(scored["score"].to_numpy(), mos), len(paths)
+
+
 def quantize_int8(fp32_file: str | Path, out: str | Path, manifest_dir: str | Path, split: str = "split_0",
                   n_calibration: int = 64, max_loss: float = MAX_SRCC_LOSS, seed: int = 0) -> Int8Result:
     """Write the int8 form of an ONNX export to out if its validation SRCC is within max_loss of the fp32
     one; returns the figures either way (out is not written when refused)."""
     import onnx
 
-    from qfm.inference import score_files
-    from qfm.onnx_engine import load_onnx_model
-
     fp32_file, out = Path(fp32_file), Path(out)
-    crop = CropConfig(**json.loads(dict(_metadata(fp32_file))[CROP_KEY]))
+    props = _metadata(fp32_file)
+    crop = CropConfig(**json.loads(dict(props)[CROP_KEY]))
     calibration = calibration_images(manifest_dir, split, crop, n_calibration, seed)
-    val_paths, val_mos = split_paths(manifest_dir, split, "val")
     with tempfile.TemporaryDirectory(prefix="qfm-int8-") as tmp:
         quantized = Path(tmp) / "int8.onnx"
         quantize_file(fp32_file, quantized, calibration)
-        scores = {}
-        for name, file in (("fp32", fp32_file), ("int8", quantized)):
-            model, state = load_onnx_model(file)
-            scored = score_files(model, state, val_paths, device="cpu", workers=0, progress=False)
-            if scored["error"].notna().any():
-                raise DataError(f"validation images of {split} could not be read: {scored['error'].dropna().iloc[0]}")
-            scores[name] = srcc(scored["score"].to_numpy(), val_mos)
-        result = Int8Result(scores["fp32"], scores["int8"], len(val_paths), len(calibration),
+        scores = {name: part_srcc(file, manifest_dir, split, "val")
+                  for name, file in (("fp32", fp32_file), ("int8", quantized))}
+        n_val = scores["fp32"][1]
+        scores = {name: value for name, (value, _) in scores.items()}
+        result = Int8Result(scores["fp32"], scores["int8"], n_val, len(calibration),
                             kept=scores["fp32"] - scores["int8"] <= max_loss)
         if result.kept:
             proto = onnx.load(str(quantized))
-            for prop in _metadata(fp32_file):
+            for prop in props:
                 proto.metadata_props.add(key=prop[0], value=prop[1])
             proto.metadata_props.add(key=INT8_KEY, value=json.dumps(
                 {"split": split, "calibration_images": len(calibration), "val_srcc_fp32": result.val_srcc_fp32,
