@@ -5,6 +5,7 @@ graph with the same float32 arithmetic as ``QfmIqm.prepare`` (x * pixel_scale - 
 one float32 score per crop (N,). An image's score is the mean over its test-grid crops, which the caller
 cuts (qfm.inference does, for `qfm score --engine onnxruntime`). The crop settings, score scale, training
 data version and validation metrics travel with the file: ONNX metadata_props, or a TorchScript extra file.
+The ONNX file's input, output and metadata names are defined by its reader, qfm.onnx_engine (no torch).
 """
 
 from __future__ import annotations
@@ -21,19 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qfm.data.torch_dataset import CropConfig
+from qfm.data.crops import CropConfig
 from qfm.errors import ConfigError, DataError
+from qfm.onnx_engine import CROP_KEY, INPUT_NAME, ONNX_FILE, OUTPUT_NAME
 from qfm.steps.common import model_path
 from qfm.train.checkpoint import LAST, SIDECAR, load_checkpoint
 from qfm.train.fit import load_trained_model
 
 FORMATS = ("onnx", "torchscript")
-INPUT_NAME, OUTPUT_NAME = "crops", "score"
-ONNX_FILE = "model.onnx"  # the file `qfm score --engine onnxruntime` looks for in a model folder
 TORCHSCRIPT_METADATA = "qfm.json"  # the TorchScript extra file holding the metadata
 OPSET = 17
 SCORE_SCALE = "0-1, higher is better (the training scores mapped to [0, 1] by qfm ingest)"
-CROP_KEY = "qfm.crop"  # JSON of the CropConfig (dtype uint8): what a scorer needs to cut the crops
 
 
 class Uint8CropScorer(nn.Module):

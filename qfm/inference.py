@@ -1,23 +1,30 @@
 """Scoring image files with a loaded model: the deterministic multi-crop test, one row per file, in order.
 
 `qfm score` (qfm.steps.score) and the MLflow pyfunc model (qfm.registry.pyfunc) both score through here,
-so a served model and the command give the same numbers.
+so a served model and the command give the same numbers. A torch model scores through the torch loader;
+an onnxruntime scorer (qfm.onnx_engine) through numpy only, so that path imports no torch. Both cut the
+same crops and average them the same way (qfm.data.crops).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from torch import nn
+from tqdm import tqdm
 
+from qfm.data.crops import CropConfig, decode, grid_crops, per_image_stats, positive_int
 from qfm.data.images import IMAGE_SUFFIXES, list_images
-from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
 from qfm.errors import DataError
-from qfm.runtime import loader_workers, resolve_device
-from qfm.train.engine import predict
+from qfm.onnx_engine import OnnxRuntimeScorer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+Predictions = tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]  # index, mean, std, errors by index
 
 
 def collect_images(paths: list[str | Path]) -> list[Path]:
@@ -45,18 +52,61 @@ def recording_errors(loader, errors: dict[int, str]):
         yield batch
 
 
-def score_files(model: nn.Module, state: dict, files: list[Path], *, device: str | torch.device = "auto",
-                batch_size: int = 16, workers: int | str = "auto", progress: bool = True) -> pd.DataFrame:
-    """Score these files with a loaded model (state: its checkpoint, for the crop settings): one row each, in
-    order, with path, score (0-1, higher = better), crop_std and error (None when the image decoded)."""
-    dataset = ImageListDataset(files, CropConfig(**state["crop"]), train=False, on_error="report")
-    errors: dict[int, str] = {}
-    device = resolve_device(device)
-    loader = recording_errors(make_loader(dataset, batch_size, loader_workers(workers, device)), errors)
-    index, score, spread = predict(model, loader, device, progress=progress, desc="score")
+def score_files(model: nn.Module | OnnxRuntimeScorer, state: dict, files: list[Path], *,
+                device: str | torch.device = "auto", batch_size: int = 16, workers: int | str = "auto",
+                progress: bool = True) -> pd.DataFrame:
+    """Score these files with a loaded model (state: its checkpoint or export metadata, for the crop settings):
+    one row each, in order, with path, score (0-1, higher = better), crop_std and error (None when the image
+    decoded). batch_size counts images; device and workers (DataLoader worker processes) are the torch
+    engine's: an onnxruntime scorer runs on the CPU and decodes in this process."""
+    config = CropConfig(**state["crop"])
+    if isinstance(model, OnnxRuntimeScorer):
+        index, score, spread, errors = predict_onnx(model, config, files, batch_size=batch_size, progress=progress)
+    else:
+        index, score, spread, errors = _predict_torch(model, config, files, device, batch_size, workers, progress)
     frame = pd.DataFrame({"path": [str(f) for f in files], "score": np.nan, "crop_std": np.nan, "error": None})
     frame.loc[index, "score"] = score
     frame.loc[index, "crop_std"] = spread
     for i, error in errors.items():
         frame.loc[i, "error"] = error
     return frame
+
+
+def predict_onnx(scorer: OnnxRuntimeScorer, config: CropConfig, files: list[Path], *, batch_size: int = 16,
+                 progress: bool = False) -> Predictions:
+    """Test-grid crops of batch_size images at a time through the scorer, numpy only: (index, mean, std over
+    crops) of each image that decoded, and the DataError text of each that did not, by its position in files."""
+    batch_size = positive_int(batch_size, "batch_size")
+    errors: dict[int, str] = {}
+    preds, crop_index = [], []
+    for start in tqdm(range(0, len(files), batch_size), desc="score", unit="batch", disable=not progress,
+                      leave=False):
+        blocks, owners = [], []
+        for i in range(start, min(start + batch_size, len(files))):
+            try:
+                crops = grid_crops(decode(files[i], config, f"image list entry {i}"), config)
+            except DataError as exc:
+                errors[i] = str(exc)
+                continue
+            blocks.append(crops)
+            owners.append(np.full(len(crops), i, dtype=np.int64))
+        if blocks:
+            preds.append(scorer(np.concatenate(blocks)))
+            crop_index.append(np.concatenate(owners))
+    if not preds:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), errors
+    return (*per_image_stats(np.concatenate(preds), np.concatenate(crop_index)), errors)
+
+
+def _predict_torch(model: nn.Module, config: CropConfig, files: list[Path], device: str | torch.device,
+                   batch_size: int, workers: int | str, progress: bool) -> Predictions:
+    """The torch loader's test-grid crops through a torch model (qfm.train.engine.predict)."""
+    from qfm.data.torch_dataset import ImageListDataset, make_loader
+    from qfm.runtime import loader_workers, resolve_device
+    from qfm.train.engine import predict
+
+    dataset = ImageListDataset(files, config, train=False, on_error="report")
+    errors: dict[int, str] = {}
+    device = resolve_device(device)
+    loader = recording_errors(make_loader(dataset, batch_size, loader_workers(workers, device)), errors)
+    return (*predict(model, loader, device, progress=progress, desc="score"), errors)

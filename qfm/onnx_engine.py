@@ -1,35 +1,37 @@
-"""An exported ONNX model run by onnxruntime, behind the same interface as a loaded torch model.
+"""An exported ONNX model run by onnxruntime, with numpy only (no torch): the file's names, and its loader.
 
-``load_onnx_model`` returns (module, state) like ``qfm.train.fit.load_trained_model``: the module maps a
-batch of uint8 crops (N, 3, S, S) to scores (N,), and state["crop"] holds the crop settings read from the
-file's metadata, so qfm.inference cuts the same test-grid crops and averages them the same way.
+``load_onnx_model`` returns (scorer, state) like ``qfm.train.fit.load_trained_model``: the scorer maps uint8
+crops (N, S, S, 3) to scores (N,), and state["crop"] holds the crop settings read from the file's metadata,
+so qfm.inference cuts the same test-grid crops and averages them the same way. qfm.export writes the file
+with the names defined here.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
 from qfm.errors import ConfigError, DataError
-from qfm.export import CROP_KEY, INPUT_NAME, ONNX_FILE
+
+INPUT_NAME, OUTPUT_NAME = "crops", "score"
+ONNX_FILE = "model.onnx"  # the file `qfm score --engine onnxruntime` looks for in a model folder
+CROP_KEY = "qfm.crop"  # JSON of the CropConfig (dtype uint8): what a scorer needs to cut the crops
 
 
-class OnnxRuntimeScorer(nn.Module):
-    """uint8 crops (N, 3, S, S) -> scores (N,) through an onnxruntime session on the CPU."""
+class OnnxRuntimeScorer:
+    """uint8 crops (N, S, S, 3), 0-255 RGB -> float32 scores (N,) through an onnxruntime session on the CPU."""
 
     def __init__(self, session) -> None:
-        super().__init__()
         self.session = session
 
-    def forward(self, crops: torch.Tensor) -> torch.Tensor:
-        if crops.dtype != torch.uint8:
-            raise ConfigError(f"the onnxruntime engine takes uint8 crops, got {crops.dtype}")
-        nhwc = np.ascontiguousarray(crops.cpu().permute(0, 2, 3, 1).numpy())
-        return torch.from_numpy(self.session.run(None, {INPUT_NAME: nhwc})[0])
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        if not isinstance(crops, np.ndarray) or crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[-1] != 3:
+            got = f"{type(crops).__name__} {getattr(crops, 'dtype', '')} {tuple(getattr(crops, 'shape', ()))}"
+            raise ConfigError(f"the onnxruntime engine takes a numpy uint8 array of crops (N, S, S, 3), got {got}")
+        return self.session.run(None, {INPUT_NAME: np.ascontiguousarray(crops)})[0]
 
 
 def onnx_file(model_ref: str | Path) -> Path:
@@ -49,14 +51,21 @@ def onnx_file(model_ref: str | Path) -> Path:
     return ref
 
 
-def load_onnx_model(model_ref: str | Path, threads: int | None = None) -> tuple[nn.Module, dict]:
+def default_threads() -> int:
+    """torch's current thread count when torch is loaded (so run.threads and test settings apply to both
+    engines), else 0: onnxruntime's own choice (one a physical core)."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else 0
+
+
+def load_onnx_model(model_ref: str | Path, threads: int | None = None) -> tuple[OnnxRuntimeScorer, dict]:
     """(scorer, {'crop': crop settings, 'metadata': all metadata}) for an ONNX export; threads: onnxruntime's
-    intra-op threads (default: torch's current count, so run.threads and test settings apply to both)."""
+    intra-op threads (default: default_threads())."""
     import onnxruntime as ort
 
     path = onnx_file(model_ref)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = threads or default_threads()
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable or invalid files
@@ -65,4 +74,4 @@ def load_onnx_model(model_ref: str | Path, threads: int | None = None) -> tuple[
     if CROP_KEY not in metadata:
         raise DataError(f"--model {path} has no '{CROP_KEY}' metadata: it was not written by qfm export, so its "
                         "crop settings are unknown")
-    return OnnxRuntimeScorer(session).eval(), {"crop": json.loads(metadata[CROP_KEY]), "metadata": metadata}
+    return OnnxRuntimeScorer(session), {"crop": json.loads(metadata[CROP_KEY]), "metadata": metadata}

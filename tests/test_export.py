@@ -54,11 +54,21 @@ def torch_scores(student: Path, nhwc: torch.Tensor) -> np.ndarray:
         return model(nhwc.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)).numpy()
 
 
-def test_onnxruntime_scores_match_torch_per_image_and_in_rank(student, images):
-    ref = score_images(student, images, device="cpu", workers=0, progress=False)
-    ort = score_images(student / "model.onnx", images, workers=0, progress=False, engine="onnxruntime")
+def test_onnxruntime_scores_match_torch_per_image_and_in_rank(student, images, tmp_path):
+    """The onnxruntime engine (numpy crops, no torch loader) gives the torch engine's table: the same scores
+    within TOLERANCE, and the same error for a file that does not decode."""
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    files = [*images[:3], junk, *images[3:]]
+    ref = score_images(student, files, device="cpu", workers=0, progress=False, batch_size=4)
+    ort = score_images(student / "model.onnx", files, workers=0, progress=False, engine="onnxruntime", batch_size=4)
     assert list(ort.columns) == list(ref.columns) == ["path", "score", "crop_std", "error"]
-    assert list(ort["path"]) == list(ref["path"]) and ort["error"].isna().all() and len(ort) == len(images) > 10
+    assert list(ort["path"]) == list(ref["path"]) and len(ort) == len(images) + 1 > 10
+    assert ort["error"].tolist() == ref["error"].tolist()
+    assert ort["error"].notna().tolist() == [i == 3 for i in range(len(files))]
+    assert ort.loc[3, "error"].startswith(f"image list entry 3: cannot decode image {junk}")
+    ort, ref = ort.drop(index=3), ref.drop(index=3)
+    assert ort[["score", "crop_std"]].notna().all().all()
     diff = np.abs(ort["score"].to_numpy() - ref["score"].to_numpy())
     print(f"max |torch - onnxruntime| per image score over {len(diff)} images: {diff.max():.2e}")
     assert diff.max() <= TOLERANCE

@@ -9,10 +9,12 @@ import base64
 import io
 import json
 import os
+import re
 import struct
 import urllib.error
 import urllib.request
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -37,22 +39,27 @@ def champion_store(tiny_demo, tmp_path_factory, request) -> str:
     return url
 
 
-@pytest.fixture(scope="module")
-def server(champion_store, tmp_path_factory, tiny_demo):
+@contextmanager
+def serving(champion_store: str, tiny_demo: Path, log: Path, env: dict | None = None):
     """The champion behind `mlflow models serve` (own process group, stopped by its id): (url, process). It
     may read paths under the demo's images folder only (QFM_SERVE_ROOT)."""
     port = registry.free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
     proc = registry.start([str(registry.BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
                            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], log,
                           env={"MLFLOW_TRACKING_URI": champion_store, "OMP_NUM_THREADS": "1", "QFM_DEVICE": "cpu",
                                "QFM_SERVE_ROOT": str(images_folder(tiny_demo)),
-                               "PATH": f"{registry.BIN}{os.pathsep}{os.environ['PATH']}"})  # it execs uvicorn
+                               "PATH": f"{registry.BIN}{os.pathsep}{os.environ['PATH']}"} | (env or {}))  # it execs uvicorn
     try:
         registry.wait_http(f"http://127.0.0.1:{port}/ping", proc, log)
         yield f"http://127.0.0.1:{port}", proc
     finally:
         registry.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(champion_store, tmp_path_factory, tiny_demo):
+    with serving(champion_store, tiny_demo, tmp_path_factory.mktemp("serve") / "serve.log") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +175,36 @@ def test_bad_request_gets_a_400_naming_the_problem_and_the_server_keeps_answerin
     assert group_rss_mb(proc) - before < 300  # a decoded 40000 x 40000 image would need 4.8 GB
     status, good = post(url, records(images[0].read_bytes()))  # and it keeps answering
     assert status == 200 and good["predictions"][0]["error"] is None
+
+
+NO_TORCH = """import os, sys
+sys.modules["torch"] = None  # any `import torch` in this process now raises ImportError
+with open(os.environ["QFM_TEST_NO_TORCH_LOG"], "a") as log:
+    log.write(f"{os.getpid()}\\n")
+"""
+
+
+def test_served_onnx_engine_needs_no_torch(champion_store, tiny_demo, tmp_path_factory, tmp_path):
+    """QFM_ENGINE=onnxruntime behind `mlflow models serve`, every Python process of it unable to import torch
+    (a sitecustomize on PYTHONPATH): it starts, and scores like the torch engine within 1e-4."""
+    from qfm.steps.score import score_images
+
+    images = sorted(images_folder(tiny_demo).glob("*.png"))[:4]
+    champion = registry.students(tiny_demo, tmp_path_factory.getbasetemp())["good"]  # built by champion_store
+    expected = score_images(champion, images, device="cpu", workers=0, progress=False)["score"].to_numpy()
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    started, log = tmp_path / "processes.txt", tmp_path / "serve.log"
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = {"QFM_ENGINE": "onnxruntime", "PYTHONPATH": path, "QFM_TEST_NO_TORCH_LOG": str(started)}
+    with serving(champion_store, tiny_demo, log, env) as (url, _):
+        status, body = post(url, {"dataframe_records": [{"path": p.name} for p in images[:2]]
+                                  + [{"image": base64.b64encode(p.read_bytes()).decode()} for p in images[2:]]
+                                  + [{"image": base64.b64encode(b"junk").decode()}], "params": {"on_error": "report"}})
+    assert status == 200, body
+    scorer = re.search(r"Started server process \[(\d+)\]", log.read_text())
+    assert scorer and scorer[1] in started.read_text().split()  # the process that scored blocked torch
+    rows = body["predictions"]
+    assert [r["error"] for r in rows] == [None] * 4 + ["row 4: not an image file (no decoder recognises its bytes)"]
+    diff = abs(expected - [r["score"] for r in rows[:4]]).max()
+    print(f"max |torch engine - served onnxruntime without torch| over {len(images)} images: {diff:.2e}")
+    assert diff <= 1e-4

@@ -10,15 +10,14 @@ Crops are uint8 RGB in channels-last memory by default (``CropConfig.dtype``): a
 memory is (K, S, S, 3), cut from the decoded image without conversion. The model converts them to float
 and normalises them on its own device with its own mean/std (``QfmIqm.prepare``). ``dtype='float32'``
 gives crops normalised in the worker with ``CropConfig.mean/std`` instead (DEIQT's way, 4x the bytes).
+The crop settings, decoding, crop cutting and per-image averaging are qfm.data.crops' (numpy, no torch),
+shared with the onnxruntime scorer.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,172 +26,23 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from qfm.data import images
+from qfm.data.crops import (  # noqa: F401  (IMAGENET_MEAN/STD: still imported from here)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CropConfig,
+    cut_crops,
+    decode,
+    grid_boxes,
+    per_image_stats,
+    positive_int,
+    resized_pixels,
+)
 from qfm.data.manifest import Manifest
 from qfm.data.splits import part_mask
 from qfm.errors import ConfigError, DataError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ON_ERROR = ("raise", "report")
-DTYPES = ("uint8", "float32")
-RESIZE_FORMS = "None, [width, height], 'WIDTHxHEIGHT' or 'short_side=N'"
-
-
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _parse_pair(value, name: str, what: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
-        if not match:
-            raise ConfigError(f"{name} '{value}' is not of the form {what}")
-        value = (int(match.group(1)), int(match.group(2)))
-    if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise ConfigError(f"{name} must be a pair {what}, got {value!r}")
-    return _positive_int(value[0], name), _positive_int(value[1], name)
-
-
-def _parse_resize(value) -> tuple[int, int] | str | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
-        return None
-    if isinstance(value, str) and value.strip().lower().startswith("short_side"):
-        match = re.fullmatch(r"\s*short_side\s*=\s*(\d+)\s*", value.lower())
-        if not match or int(match.group(1)) < 1:
-            raise ConfigError(f"resize '{value}' is not valid; use one of {RESIZE_FORMS}")
-        return f"short_side={int(match.group(1))}"
-    try:
-        return _parse_pair(value, "resize", "(width, height)")
-    except ConfigError as exc:
-        raise ConfigError(f"{exc}; resize takes one of {RESIZE_FORMS}") from None
-
-
-def _parse_triple(value, name: str) -> tuple[float, float, float]:
-    try:
-        triple = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        triple = ()
-    if len(triple) != 3:
-        raise ConfigError(f"{name} must be three numbers (one per RGB channel), got {value!r}")
-    return triple  # type: ignore[return-value]
-
-
-def _spread(count: int, room: int) -> list[int]:
-    """count offsets evenly spread over [0, room]: the ends included, or the centre for one."""
-    if count == 1:
-        return [room // 2]
-    return [round(i * room / (count - 1)) for i in range(count)]
-
-
-@dataclass(frozen=True)
-class CropConfig:
-    """How an image becomes crops.
-
-    crop_size: side S of the square crops. n_crops: K random crops per image and visit (training).
-    test_grid: the fixed test crops, (rows, cols) or 'RxC' for a grid, or a count N laid out as
-      round(sqrt(N)) rows sharing the N crops as evenly as possible; within a row the crops are evenly
-      spread from the left edge to the right edge (one crop: centred). Default 3x3 = 9 crops, near
-      DEIQT's 10 test crops per image but fixed, and covering the corners and the centre.
-    resize: applied to the decoded image before cropping: None (keep the size), (width, height) such
-      as (512, 384) for KonIQ-10k and SPAQ, or 'short_side=N' (keeps the aspect ratio).
-      After that, an image whose shorter side is below crop_size is scaled up, keeping its aspect
-      ratio, so that its shorter side equals crop_size. Resampling is bilinear (PIL, antialiased).
-    mean/std: normalisation on [0, 1] pixel values; ImageNet's by default, or the model's own
-      (see from_data_config). Applied in the worker only to float32 crops; training checks that they
-      equal the model's (the model's data config is the one source). hflip: random horizontal flips.
-    dtype: 'uint8' (default): raw RGB crops in channels-last memory, normalised by the model on its
-      device; 'float32': crops normalised here with mean/std, contiguous (the DEIQT-style baseline).
-    reduced_decode: with a resize, decode a JPEG at least twice the resized size at a reduced scale
-      first (qfm.data.images.load_rgb); the pixels differ slightly from a full decode, so it is part of a
-      model's recorded crop settings: training turns it on, and a record without it (older models) keeps it
-      off. No effect without a resize.
-    """
-
-    crop_size: int = 224
-    n_crops: int = 4
-    test_grid: int | tuple[int, int] | str = (3, 3)
-    resize: tuple[int, int] | str | None = None
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    hflip: bool = True
-    dtype: str = "uint8"
-    reduced_decode: bool = False
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "crop_size", _positive_int(self.crop_size, "crop_size"))
-        set_(self, "n_crops", _positive_int(self.n_crops, "n_crops"))
-        grid = self.test_grid
-        if isinstance(grid, (str, tuple, list)):
-            grid = _parse_pair(grid, "test_grid", "(rows, cols) or 'RxC'")
-        else:
-            grid = _positive_int(grid, "test_grid")
-        set_(self, "test_grid", grid)
-        set_(self, "resize", _parse_resize(self.resize))
-        set_(self, "mean", _parse_triple(self.mean, "mean"))
-        std = _parse_triple(self.std, "std")
-        if min(std) <= 0:
-            raise ConfigError(f"std must be positive for every channel, got {std}")
-        set_(self, "std", std)
-        set_(self, "hflip", bool(self.hflip))
-        set_(self, "reduced_decode", bool(self.reduced_decode))
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {list(DTYPES)} (uint8: raw crops the model normalises; "
-                              f"float32: crops normalised in the loader), got {self.dtype!r}")
-
-    @classmethod
-    def from_data_config(cls, data_config: Mapping, **overrides) -> CropConfig:
-        """Crop size, mean and std from a model's data config (timm's resolve_data_config dict)."""
-        kwargs: dict = {}
-        if "input_size" in data_config:
-            _, height, width = data_config["input_size"]
-            if height != width:
-                raise ConfigError(f"the model's input_size {tuple(data_config['input_size'])} is not square; "
-                                  "qfm crops are square: pass crop_size explicitly")
-            kwargs["crop_size"] = int(height)
-        for key in ("mean", "std"):
-            if key in data_config:
-                kwargs[key] = data_config[key]
-        return cls(**(kwargs | overrides))
-
-    @property
-    def grid_rows(self) -> list[int]:
-        """The number of test crops in each row of the grid, top to bottom."""
-        if isinstance(self.test_grid, tuple):
-            rows, cols = self.test_grid
-            return [cols] * rows
-        n = self.test_grid
-        rows = max(1, round(math.sqrt(n)))
-        base, extra = divmod(n, rows)
-        return [base + (1 if r < extra else 0) for r in range(rows)]
-
-    @property
-    def n_test_crops(self) -> int:
-        return sum(self.grid_rows)
-
-    def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) after the resize policy and the scale-up of images smaller than a crop."""
-        if isinstance(self.resize, tuple):
-            width, height = self.resize
-        elif isinstance(self.resize, str):
-            side = int(self.resize.split("=")[1])
-            scale = side / min(width, height)
-            width, height = max(1, round(width * scale)), max(1, round(height * scale))
-        if min(width, height) < self.crop_size:
-            scale = self.crop_size / min(width, height)
-            width = max(self.crop_size, round(width * scale))
-            height = max(self.crop_size, round(height * scale))
-        return width, height
-
-    def grid_positions(self, width: int, height: int) -> list[tuple[int, int]]:
-        """(top, left) of each test crop in an image of this (already resized) size."""
-        s = self.crop_size
-        rows = self.grid_rows
-        tops = _spread(len(rows), height - s)
-        return [(top, left) for top, cols in zip(tops, rows) for left in _spread(cols, width - s)]
+DEFAULT_CROP = CropConfig()  # the datasets' default crop settings (frozen)
 
 
 class _CropDataset(Dataset):
@@ -234,17 +84,6 @@ class _CropDataset(Dataset):
             raise IndexError(f"index {index} is out of range for a dataset of {length} images")
         return index
 
-    def _decode(self, path: Path, what: str) -> Image.Image:
-        """The image in RGB, decoded once (at reduced scale when the config asks); any failure is a DataError
-        naming the file."""
-        reduce = self.config.reduced_decode and self.config.resize is not None
-        try:
-            return images.load_rgb(path, self.config.resized_size if reduce else None)
-        except FileNotFoundError:
-            raise DataError(f"{what}: image file {path} does not exist; check the dataset root") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            raise DataError(f"{what}: cannot decode image {path} ({exc}); replace or remove it") from exc
-
     def empty_crops(self) -> torch.Tensor:
         """(0, 3, S, S) in this config's dtype and layout: the crops of an image that could not be read."""
         s = self.config.crop_size
@@ -258,30 +97,18 @@ class _CropDataset(Dataset):
         uint8: the pixels as decoded, memory (K, S, S, 3) (channels-last). float32: normalised, contiguous.
         """
         cfg, s = self.config, self.config.crop_size
-        size = cfg.resized_size(*image.size)
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        pixels = np.asarray(image)  # (H, W, 3) uint8
-        width, height = size
+        pixels = resized_pixels(image, cfg)  # (H, W, 3) uint8
         if self.train:
+            height, width = pixels.shape[:2]
             rng = np.random.default_rng([self.seed, self.epoch, index])
             tops = rng.integers(0, height - s + 1, size=cfg.n_crops)
             lefts = rng.integers(0, width - s + 1, size=cfg.n_crops)
             flips = (rng.random(cfg.n_crops) < 0.5) & cfg.hflip
             boxes = list(zip(tops, lefts, flips))
         else:
-            boxes = [(t, x, False) for t, x in cfg.grid_positions(width, height)]
-        # numpy, not torch: single-threaded on purpose, as torch's thread pool is slow on a busy machine
-        if cfg.dtype == "uint8":
-            raw = np.empty((len(boxes), s, s, 3), dtype=np.uint8)
-            # One 3-byte item per pixel, so that a flip moves whole pixels: 2.3x faster than [:, ::-1] on
-            # (H, W, 3) bytes (measured), the same result.
-            pixel = np.dtype((np.void, 3))
-            src, dst = pixels.view(pixel)[..., 0], raw.view(pixel)[..., 0]
-            for k, (top, left, flip) in enumerate(boxes):
-                patch = src[top:top + s, left:left + s]
-                dst[k] = patch[:, ::-1] if flip else patch
-            return torch.from_numpy(raw).permute(0, 3, 1, 2)  # (K, 3, S, S) view of (K, S, S, 3) memory
+            boxes = grid_boxes(pixels, cfg)
+        if cfg.dtype == "uint8":  # (K, 3, S, S) view of (K, S, S, 3) memory
+            return torch.from_numpy(cut_crops(pixels, boxes, s)).permute(0, 3, 1, 2)
         out = np.empty((len(boxes), 3, s, s), dtype=np.float32)
         for k, (top, left, flip) in enumerate(boxes):
             patch = pixels[top:top + s, left:left + s]
@@ -301,7 +128,7 @@ class ManifestCropDataset(_CropDataset):
     """
 
     def __init__(self, manifest: Manifest, split: str | None, part: str | None,
-                 config: CropConfig = CropConfig(), train: bool = False, seed: int = 0,
+                 config: CropConfig = DEFAULT_CROP, train: bool = False, seed: int = 0,
                  rows: Sequence[bool] | np.ndarray | pd.Series | None = None) -> None:
         super().__init__(config, train, seed)
         frame = manifest.frame
@@ -334,7 +161,7 @@ class ManifestCropDataset(_CropDataset):
         index = self._check_index(index, len(self))
         what = (f"manifest of '{self.dataset_name}', row {self.row_positions[index]} "
                 f"(image_id '{self.image_ids[index]}')")
-        image = self._decode(self.paths[index], what)
+        image = decode(self.paths[index], self.config, what)
         return {"image": self.crops(image, index), "mos": torch.tensor(self.mos[index]), "index": index,
                 "image_id": self.image_ids[index]}
 
@@ -347,7 +174,7 @@ class ImageListDataset(_CropDataset):
     'error' set to the reason and an image with 0 crops, so the caller can list it.
     """
 
-    def __init__(self, paths: Iterable[str | Path], config: CropConfig = CropConfig(), train: bool = False,
+    def __init__(self, paths: Iterable[str | Path], config: CropConfig = DEFAULT_CROP, train: bool = False,
                  seed: int = 0, on_error: str = "raise") -> None:
         super().__init__(config, train, seed)
         if on_error not in ON_ERROR:
@@ -365,7 +192,7 @@ class ImageListDataset(_CropDataset):
         path = self.paths[index]
         item = {"index": index, "image_id": str(path), "error": None}
         try:
-            image = self._decode(path, f"image list entry {index}")
+            image = decode(path, self.config, f"image list entry {index}")
         except DataError as exc:
             if self.on_error == "raise":
                 raise
@@ -412,16 +239,10 @@ def collate_crops(items: list[dict]) -> dict:
 
 
 def per_image(values: torch.Tensor, crop_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-crop values (N,) back to per-image (index, mean, std over crops); std is 0 for one crop."""
-    values = values.detach().reshape(-1).to(torch.float64)
-    index, inverse = torch.unique(crop_index.reshape(-1), sorted=True, return_inverse=True)
-
-    def per_image_sum(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(index), dtype=torch.float64).index_add_(0, inverse, x)
-
-    counts = per_image_sum(torch.ones_like(values))
-    mean = per_image_sum(values) / counts
-    return index, mean, (per_image_sum((values - mean[inverse]) ** 2) / counts).sqrt()
+    """Per-crop values (N,) back to per-image (index, mean, std over crops) as tensors; std is 0 for one crop
+    (qfm.data.crops.per_image_stats, which the onnxruntime scorer uses too)."""
+    values = values.detach().reshape(-1).to(torch.float64).cpu().numpy()
+    return tuple(map(torch.from_numpy, per_image_stats(values, crop_index.reshape(-1).cpu().numpy())))
 
 
 def make_loader(dataset: Dataset, batch_size: int = 8, workers: int = 0, shuffle: bool = False, *,
@@ -440,12 +261,12 @@ def make_loader(dataset: Dataset, batch_size: int = 8, workers: int = 0, shuffle
     if prefetch_factor is not None:
         if workers == 0:
             raise ConfigError("prefetch_factor needs workers > 0")
-        kwargs["prefetch_factor"] = _positive_int(prefetch_factor, "prefetch_factor")
+        kwargs["prefetch_factor"] = positive_int(prefetch_factor, "prefetch_factor")
     if batch_sampler is not None:
         if shuffle or drop_last:
             raise ConfigError("with a batch_sampler, the sampler decides order and batch size: "
                               "pass shuffle=False and drop_last=False")
         return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     generator = torch.Generator().manual_seed(int(seed)) if shuffle else None
-    return DataLoader(dataset, batch_size=_positive_int(batch_size, "batch_size"), shuffle=shuffle,
+    return DataLoader(dataset, batch_size=positive_int(batch_size, "batch_size"), shuffle=shuffle,
                       drop_last=drop_last, generator=generator, **kwargs)

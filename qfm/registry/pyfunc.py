@@ -5,7 +5,8 @@ Input columns (one of them per row): `image`, the encoded file's bytes (base64 t
 multi-crop test of `qfm score`), `crop_std`, `error` (None, or why the row's image could not be scored).
 Scoring is qfm.inference's, as for `qfm score`, so `mlflow models serve` and `qfm score` give the same
 numbers. The model's artifact is a folder with the checkpoint (best.safetensors and its checksum) and, when the model
-could be exported, its ONNX form (model.onnx): `QFM_ENGINE=onnxruntime` scores with that instead of torch.
+could be exported, its ONNX form (model.onnx): `QFM_ENGINE=onnxruntime` scores with that instead of torch, and
+then loading and scoring import no torch (decoding and cropping are numpy's), so a server needs none.
 
 A request is checked before anything is decoded, and every refusal is an HTTP 400 whose message names the
 row and the problem, never a stack trace or a server path: columns other than these two, no rows, bytes
@@ -27,6 +28,7 @@ import tempfile
 import threading
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 import pandas as pd
@@ -36,9 +38,13 @@ from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, UnidentifiedImageError
-from torch import nn
 
 from qfm.errors import QfmError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qfm.onnx_engine import OnnxRuntimeScorer
 
 ARTIFACT = "checkpoint"
 DEVICE_ENV = "QFM_DEVICE"           # device of a served model (default auto: CUDA when present)
@@ -104,7 +110,7 @@ def check_request(frame: pd.DataFrame, on_error: str) -> None:
         raise bad_request("the input has no rows: send one row per image")
 
 
-def score_frame(model: nn.Module, state: dict, frame: pd.DataFrame, *, device: str = "auto",
+def score_frame(model: nn.Module | OnnxRuntimeScorer, state: dict, frame: pd.DataFrame, *, device: str = "auto",
                 batch_size: int = 16, on_error: str = "reject") -> pd.DataFrame:
     """Score each row's image (bytes in `image`, else the file in `path`); rows keep their order. A row that
     cannot be scored refuses the request (on_error='reject') or gets its reason in `error` ('report')."""

@@ -1,20 +1,22 @@
 """score: a trained model's quality scores for image files or folders (deterministic multi-crop test): find
 the model (a folder, a checkpoint or a registered version; or an ONNX export for the onnxruntime engine),
-score through qfm.inference, write the table."""
+score through qfm.inference, write the table. The onnxruntime engine imports no torch."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from torch import nn
 
 from qfm.errors import ConfigError
 from qfm.inference import collect_images, score_files
-from qfm.runtime import resolve_device
-from qfm.steps.common import model_path
-from qfm.train.fit import load_trained_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from qfm.onnx_engine import OnnxRuntimeScorer
 
 MODEL_URI = "models:/"
 ENGINES = ("torch", "onnxruntime")
@@ -23,6 +25,10 @@ ENGINES = ("torch", "onnxruntime")
 def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.Module, dict]:
     """(model, checkpoint state) from a model folder, a best.safetensors, or a registered model (models:/NAME@ALIAS,
     models:/NAME/VERSION; the MLflow tracking URI is $MLFLOW_TRACKING_URI, else the project's default)."""
+    from qfm.runtime import resolve_device
+    from qfm.steps.common import model_path
+    from qfm.train.fit import load_trained_model
+
     if str(model_ref).startswith(MODEL_URI):
         from qfm.config import TrackingParams
         from qfm.registry.versions import checkpoint_from_uri
@@ -34,7 +40,7 @@ def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.
 
 
 def load_engine_model(model_ref: str | Path, engine: str = "torch",
-                      device: str = "auto") -> tuple[nn.Module, dict, str]:
+                      device: str = "auto") -> tuple[nn.Module | OnnxRuntimeScorer, dict, str]:
     """(model, state, device) for an engine: torch loads a checkpoint (see load_scoring_model); onnxruntime a
     .onnx file from qfm export, or model.onnx in the folder given, and runs on the CPU."""
     if engine == "torch":
