@@ -1,22 +1,37 @@
-"""train-student (QCC): the deployed student on labels, pseudo-labels and SNM partners (as `qfm train-student`)."""
+"""train-student (QCC): the deployed student on labels, pseudo-labels and SNM partners (as `qfm train-student`), in
+this step's pod or, with more than one GPU in all, as a Kubeflow Trainer TrainJob (pipelines.trainjob)."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.base import load_section, local_manifest, log_training_metrics, note_summary, qfm_component
+from components.base import load_section, local_manifest, log_training_metrics, note_summary
+from components.launch_trainjob import train_on_trainjob, training_component, trainjob_wanted
 
 
-@qfm_component
+@training_component
 def train_student(manifest: Input[Dataset], dataset: Input[Dataset], teacher: Input[Model], pseudo: Input[Dataset],
                   bank: Input[Dataset], params: str, run: str, tracking: str, model: Output[Model],
-                  metrics: Output[Metrics]) -> float:
+                  metrics: Output[Metrics], nodes: int = 1, gpus_per_node: int = 1, pod_gpus: int = 1,
+                  image: str = "", gpu_resource: str = "nvidia.com/gpu",
+                  node_selector: dict = {}, tolerations: list = [],  # noqa: B006 (KFP defaults are literals)
+                  s3_secret: str = "qfm-s3", mlflow_secret: str = "qfm-mlflow") -> float:
     """Train the student; `model` holds best.safetensors (epoch chosen on the val part) and its training record. The
     chosen epoch's validation SRCC/PLCC are logged as metrics; returns its validation SRCC (the pipeline's
-    promotion gate reads it: registration is decided on validation, never on test)."""
+    promotion gate reads it: registration is decided on validation, never on test).
+    nodes x gpus_per_node above 1: this pod (pod_gpus must be 0) launches the TrainJob and follows it."""
     from qfm.steps.student import train_student as train
 
-    summary = train(local_manifest(manifest.path, dataset.path), model.path, load_section("train_student", params),
-                    load_section("run", run), teacher_dir=teacher.path, pseudo_dir=pseudo.path, bank_dir=bank.path,
-                    tracking=load_section("tracking", tracking), progress=False)
+    sections = {"train_student": load_section("train_student", params), "run": load_section("run", run),
+                "tracking": load_section("tracking", tracking)}
+    if trainjob_wanted(nodes, gpus_per_node, pod_gpus):
+        summary = train_on_trainjob("train-student", sections, manifest=manifest, dataset=dataset,
+                                    inputs={"teacher": teacher, "pseudo": pseudo, "bank": bank}, model=model,
+                                    image=image, nodes=nodes, gpus_per_node=gpus_per_node,
+                                    accelerator_type=gpu_resource, node_selector=node_selector,
+                                    tolerations=tolerations, s3_secret=s3_secret, mlflow_secret=mlflow_secret)
+    else:
+        summary = train(local_manifest(manifest.path, dataset.path), model.path, sections["train_student"],
+                        sections["run"], teacher_dir=teacher.path, pseudo_dir=pseudo.path, bank_dir=bank.path,
+                        tracking=sections["tracking"], progress=False)
     log_training_metrics(metrics, summary)
     note_summary(model, summary)
     return float(summary["val"]["srcc"])

@@ -5,6 +5,11 @@ Every params.yaml section is one string parameter holding the section as JSON (s
 steps ask for accelerators through the task's resources and kfp-kubernetes (node selector, tolerations),
 and get a memory-backed /dev/shm for DataLoader workers; every step reads the S3 and MLflow credentials
 from Kubernetes secrets as environment variables.
+
+The two training steps train in their own pod with `gpu_count` GPUs when `nodes` x `gpus_per_node` is 1; above
+that, their pod asks for `training_pod_gpus` (0: pipelines.submit sets it) and launches a Kubeflow Trainer
+TrainJob of `nodes` pods x `gpus_per_node` GPUs that owns the GPUs (pipelines.trainjob). One task either way:
+kfp.local cannot collect an artifact from conditional branches (dsl.OneOf), and the local run is the same DAG.
 """
 
 import dataclasses
@@ -53,7 +58,8 @@ def _qfm_step(task: dsl.PipelineTask, image, s3_secret, mlflow_secret, *, cache:
 
 
 def _on_gpu(task: dsl.PipelineTask, accelerator_type, gpu_count, node_selector, tolerations) -> dsl.PipelineTask:
-    """A model-running step: accelerators, GPU node placement, and shared memory for DataLoader workers."""
+    """A model-running step: accelerators (gpu_count of them), GPU node placement, and shared memory for
+    DataLoader workers."""
     task.set_accelerator_type(accelerator_type).set_accelerator_limit(gpu_count)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
@@ -80,6 +86,9 @@ def qfm_pipeline(
     min_val_srcc: float = 0.0,
     accelerator_type: str = "nvidia.com/gpu",
     gpu_count: int = 1,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    training_pod_gpus: int = 1,
     gpu_node_selector: dict = {},  # noqa: B006 (a KFP pipeline parameter default must be a literal)
     gpu_tolerations: list = GPU_TOLERATIONS,
     s3_secret: str = "qfm-s3",
@@ -89,26 +98,36 @@ def qfm_pipeline(
     Dataset artifact. The section parameters are params.yaml's sections as JSON. The student reaches the
     registry (promote) only when its validation SRCC (of the epoch chosen on val) is at least min_val_srcc; there,
     promote's own gate decides whether it becomes the champion (validation metric against the champion's, on
-    the same data). The test figures are reported, never used to decide."""
+    the same data). The test figures are reported, never used to decide. gpu_count: GPUs of each GPU step's pod
+    (0 or 1). nodes x gpus_per_node: the training steps' GPUs; above 1, a TrainJob owns them and the training
+    pods ask for training_pod_gpus, which must then be 0 (else it is gpu_count; pipelines.submit sets it)."""
     def step(task, cache=True):
         return _qfm_step(task, image, s3_secret, mlflow_secret, cache=cache)
 
-    def gpu(task):
-        return _on_gpu(step(task), accelerator_type, gpu_count, gpu_node_selector, gpu_tolerations)
+    def gpu(task, count=gpu_count):
+        return _on_gpu(step(task), accelerator_type, count, gpu_node_selector, gpu_tolerations)
+
+    def training(task):  # in its own pod, or the launcher of a TrainJob on the same image, secrets and placement
+        return gpu(task, training_pod_gpus)
+
+    # (not `accelerator_type`: kfp adds task inputs of that name for the resource request)
+    layout = {"nodes": nodes, "gpus_per_node": gpus_per_node, "pod_gpus": training_pod_gpus, "image": image,
+              "gpu_resource": accelerator_type, "node_selector": gpu_node_selector,
+              "tolerations": gpu_tolerations, "s3_secret": s3_secret, "mlflow_secret": mlflow_secret}
 
     data = dsl.importer(artifact_uri=dataset_uri, artifact_class=Dataset, reimport=False).output
     manifest = step(qc.ingest(dataset=data, params=ingest, splits=splits, tracking=tracking)).outputs["manifest"]
     checked = step(qc.validate(manifest=manifest, dataset=data, params=validate, tracking=tracking))
-    teacher = gpu(qc.train_teacher(manifest=manifest, dataset=data, params=train_teacher, run=run,
-                                   tracking=tracking).after(checked))
+    teacher = training(qc.train_teacher(manifest=manifest, dataset=data, params=train_teacher, run=run,
+                                        tracking=tracking, **layout).after(checked))
     pseudo = gpu(qc.pseudo_label(manifest=manifest, dataset=data, teacher=teacher.outputs["model"],
                                  params=pseudo_label, run=run, tracking=tracking))
     bank = gpu(qc.build_bank(manifest=manifest, dataset=data, teacher=teacher.outputs["model"],
                              pseudo=pseudo.outputs["pseudo"], params=build_bank, run=run,
                              tracking=tracking))
-    student = gpu(qc.train_student(manifest=manifest, dataset=data, teacher=teacher.outputs["model"],
-                                   pseudo=pseudo.outputs["pseudo"], bank=bank.outputs["bank"], params=train_student,
-                                   run=run, tracking=tracking))
+    student = training(qc.train_student(manifest=manifest, dataset=data, teacher=teacher.outputs["model"],
+                                        pseudo=pseudo.outputs["pseudo"], bank=bank.outputs["bank"],
+                                        params=train_student, run=run, tracking=tracking, **layout))
     evaluation = gpu(qc.evaluate(manifest=manifest, dataset=data, model=student.outputs["model"], run=run,
                                  tracking=tracking))
     with dsl.If(student.outputs["Output"] >= min_val_srcc, name="val-srcc-at-least-min-val-srcc"):

@@ -52,17 +52,37 @@ def _json_option(flag: str, text: str, kind: type):
     return value
 
 
+def _training_layout(args: argparse.Namespace) -> int:
+    """Check --gpu-count, --nodes, --gpus-per-node; returns the GPUs of the training steps' own pods (0 when a
+    TrainJob owns them). The pipeline asks for exactly the GPUs the code uses."""
+    if args.gpu_count < 0:
+        raise ConfigError(f"--gpu-count must be 0 or more, got {args.gpu_count}")
+    if args.gpu_count > 1:
+        raise ConfigError(f"--gpu-count {args.gpu_count}: a step's pod trains and scores in one process on one GPU, so "
+                          "more would be reserved and left idle; use --gpu-count 1 (or 0 for the CPU image), and "
+                          "--nodes N --gpus-per-node G for data-parallel training on a Kubeflow Trainer TrainJob")
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be 1 or more, got {value} (1 and 1: the training steps run in their own pod)")
+    if args.nodes * args.gpus_per_node == 1:
+        return args.gpu_count
+    if args.gpu_count == 0:
+        raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node} trains on GPUs, but --gpu-count 0 "
+                          "means the CPU image; use --gpu-count 1 with the CUDA image")
+    for flag, uri in (("--pipeline-root", args.pipeline_root), ("--dataset-uri", args.dataset_uri)):
+        if urlparse(uri).scheme not in ("s3", "minio"):
+            raise ConfigError(f"{flag} {uri!r}: a TrainJob's pods read and write the artifacts over S3; with --nodes "
+                              "or --gpus-per-node above 1 give s3:// or minio:// URIs")
+    return 0
+
+
 def build_submission(args: argparse.Namespace) -> Submission:
     """Check every argument and turn params.yaml into the pipeline's arguments; raises ConfigError."""
     from pipelines.qfm_pipeline import qfm_pipeline, section_arguments
     from qfm.config import load_params
 
     params = load_params(args.params, overrides=args.set)
-    if args.gpu_count < 0:
-        raise ConfigError(f"--gpu-count must be 0 or more, got {args.gpu_count}")
-    if args.gpu_count > 1:  # the pipeline must ask for exactly the GPUs the code uses
-        raise ConfigError(f"--gpu-count {args.gpu_count}: each step trains and scores in one process on one GPU, "
-                          "so more would be reserved and left idle; use --gpu-count 1 (or 0 for the CPU image)")
+    training_pod_gpus = _training_layout(args)
     if not args.image.strip():
         raise ConfigError("--image is empty: give the pushed project image, e.g. registry.example.com/qfm:0.1.0-cuda")
     arguments = {
@@ -72,6 +92,9 @@ def build_submission(args: argparse.Namespace) -> Submission:
         "min_val_srcc": args.min_val_srcc,
         "accelerator_type": args.accelerator_type,
         "gpu_count": args.gpu_count,
+        "nodes": args.nodes,
+        "gpus_per_node": args.gpus_per_node,
+        "training_pod_gpus": training_pod_gpus,
         "gpu_node_selector": _json_option("--node-selector", args.node_selector, dict),
         "gpu_tolerations": _json_option("--tolerations", args.tolerations, list),
         "s3_secret": args.s3_secret,
@@ -156,7 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="register the student only at this validation SRCC or above")
     parser.add_argument("--accelerator-type", default="nvidia.com/gpu", help="GPU resource name")
     parser.add_argument("--gpu-count", type=int, default=1,
-                        help="GPUs per GPU step: 1 (default) or 0; each step uses one GPU at most")
+                        help="GPUs of each GPU step's pod: 1 (default) or 0 (the CPU image)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="train-teacher and train-student on this many nodes (a Kubeflow Trainer TrainJob when "
+                             "nodes x gpus-per-node is above 1; default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=1,
+                        help="GPUs (torchrun ranks) per training node (default 1)")
     parser.add_argument("--node-selector", default="{}", help="GPU steps' nodeSelector, JSON object")
     parser.add_argument("--tolerations", default=json.dumps([{"key": "nvidia.com/gpu", "operator": "Exists",
                                                                "effect": "NoSchedule"}]),

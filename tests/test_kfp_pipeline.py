@@ -26,6 +26,7 @@ from pipelines.qfm_pipeline import SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_STEPS = {"train-teacher", "pseudo-label", "build-bank", "train-student", "evaluate"}
+TRAINING_STEPS = {"train-teacher", "train-student"}  # their own pod, or the launcher of a TrainJob
 QFM_STEPS = GPU_STEPS | {"ingest", "validate", "promote"}
 
 
@@ -61,8 +62,9 @@ def test_gpu_steps_request_accelerators_placement_and_shared_memory(compiled):
         container, k8s = executors[f"exec-{step}"]["container"], platform[f"exec-{step}"]
         assert container["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
         if step in GPU_STEPS:
+            count = "training_pod_gpus" if step in TRAINING_STEPS else "gpu_count"
             assert container["resources"]["accelerator"] == {
-                "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpu_count']}}",
+                "resourceCount": f"{{{{$.inputs.parameters['pipelinechannel--{count}']}}}}",
                 "resourceType": "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"}
             assert k8s["nodeSelector"] == {"nodeSelectorJson": {"componentInputParameter": "gpu_node_selector"}}
             assert k8s["tolerations"] == [{"tolerationJson": {"componentInputParameter": "gpu_tolerations"}}]
@@ -73,6 +75,21 @@ def test_gpu_steps_request_accelerators_placement_and_shared_memory(compiled):
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["gpu_tolerations"]["defaultValue"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                             "effect": "NoSchedule"}]
+
+
+def test_training_steps_get_the_trainjob_layout_and_the_same_image_secrets_and_placement(compiled):
+    _, spec, _ = compiled
+    tasks, inputs = spec["root"]["dag"]["tasks"], spec["root"]["inputDefinitions"]["parameters"]
+    assert {name: inputs[name]["defaultValue"] for name in ("gpu_count", "nodes", "gpus_per_node", "training_pod_gpus")} \
+        == {"gpu_count": 1, "nodes": 1, "gpus_per_node": 1, "training_pod_gpus": 1}  # one node, one GPU: own pod
+    wanted = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "pod_gpus": "training_pod_gpus", "image": "image",
+              "gpu_resource": "accelerator_type", "node_selector": "gpu_node_selector",
+              "tolerations": "gpu_tolerations", "s3_secret": "s3_secret", "mlflow_secret": "mlflow_secret"}
+    for step in TRAINING_STEPS:
+        given = tasks[step]["inputs"]["parameters"]
+        assert {k: given[k]["componentInputParameter"] for k in wanted} == wanted, step
+    for step in GPU_STEPS - TRAINING_STEPS:  # the other GPU steps know nothing of TrainJobs
+        assert "nodes" not in tasks[step]["inputs"]["parameters"]
 
 
 def test_credentials_come_only_from_secrets(compiled):
@@ -162,7 +179,13 @@ def test_submit_checks_every_parameter_before_contacting_the_host(not_kfp, capsy
            (["--node-selector", "{gpu: a100}"], "--node-selector is not valid JSON"),
            (["--tolerations", "{}"], "--tolerations must be a JSON list"),
            (["--gpu-count", "-1"], "--gpu-count must be 0 or more"),
-           (["--gpu-count", "4"], "--gpu-count 4: each step trains and scores in one process on one GPU")]
+           (["--gpu-count", "4"], "--gpu-count 4: a step's pod trains and scores in one process on one GPU"),
+           (["--gpu-count", "4"], "--nodes N --gpus-per-node G for data-parallel training"),
+           (["--nodes", "0"], "--nodes must be 1 or more, got 0"),
+           (["--gpus-per-node", "-2"], "--gpus-per-node must be 1 or more, got -2"),
+           (["--nodes", "2", "--gpu-count", "0"], "--nodes 2 --gpus-per-node 1 trains on GPUs, but --gpu-count 0"),
+           (["--gpus-per-node", "2", "--pipeline-root", "gs://runs/qfm"],
+            "--pipeline-root 'gs://runs/qfm': a TrainJob's pods read and write the artifacts over S3")]
     for extra, message in bad:
         assert submit.main(_submit(*extra, host=host)) == 2
         assert message in capsys.readouterr().err
@@ -188,8 +211,20 @@ def test_submit_dry_run_carries_params_yaml_and_overrides(capsys):
     assert json.loads(args["promote"])["model_name"] == params["promote"]["model_name"]
     assert args["gpu_node_selector"] == {"gpu": "a100"} and args["dataset_uri"] == "s3://data/demo"
     assert sent["pipeline_root"] == "s3://runs/qfm" and sent["run_name"] == "nightly" and sent["enable_caching"]
+    assert (args["gpu_count"], args["nodes"], args["gpus_per_node"], args["training_pod_gpus"]) == (1, 1, 1, 1)
     with pytest.raises(SystemExit):
         submit.build_parser().parse_args(["--dataset-uri", "s3://d/x"])  # --host and the rest are required
+
+
+@pytest.mark.parametrize(("extra", "layout"), [
+    ([], (1, 1, 1, 1)),                                              # one GPU: the training steps' own pods hold it
+    (["--gpu-count", "0"], (0, 1, 1, 0)),                            # the CPU image: no GPU anywhere
+    (["--nodes", "2", "--gpus-per-node", "4"], (1, 2, 4, 0)),        # a TrainJob holds 2 x 4; the launcher pods none
+    (["--gpus-per-node", "2", "--pipeline-root", "minio://mlpipeline/v2"], (1, 1, 2, 0))])
+def test_submit_asks_for_exactly_the_gpus_the_code_uses(extra, layout, capsys):
+    assert submit.main(_submit("--dry-run", *extra)) == 0
+    args = json.loads(capsys.readouterr().out)["arguments"]
+    assert (args["gpu_count"], args["nodes"], args["gpus_per_node"], args["training_pod_gpus"]) == layout
 
 
 # The Dockerfile (no Docker engine here: check what can be checked) ----------------------------------------
