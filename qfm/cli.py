@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -405,7 +407,7 @@ def _add_training_steps(sub) -> None:
     score.add_argument("--out", help="output .csv or .json (default: CSV on standard output)")
     score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     score.add_argument("--workers", type=_workers, default="auto",
-                       help="decoding worker processes, or auto (default: none on a CPU under 8 cores)")
+                       help="decoding worker processes of the torch engine, or auto (default: none on a CPU under 8 cores); the onnxruntime engine decodes in its own process")
     score.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=cmd_score)
@@ -489,6 +491,9 @@ def _run(args: argparse.Namespace) -> int:
         setattr(args, name, str(local))
     if not out_on_s3:
         return args.func(args)
+    if _rank() != "0":  # under torchrun rank 0 stages, resumes and uploads; the other ranks write nothing
+        args.out = tempfile.mkdtemp(prefix="qfm-rank-")
+        return args.func(args)
     staged = StagedOutput(args.out, storage, resume=getattr(args, "resume", False),
                           progress=not getattr(args, "quiet", False))
     if staged.fetched is not None:
@@ -565,6 +570,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> str:
+    """This process's rank under torchrun ('0' outside it)."""
+    return os.environ.get("RANK", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `qfm` command; user errors print one clear message and exit 2."""
     parser = build_parser()
@@ -572,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except QfmError as exc:
-        print(f"qfm {args.command}: error: {exc}", file=sys.stderr)
+        where = f" (rank {_rank()} of {os.environ['WORLD_SIZE']})" if "WORLD_SIZE" in os.environ else ""
+        print(f"qfm {args.command}{where}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"qfm {args.command}: interrupted", file=sys.stderr)

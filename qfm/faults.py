@@ -4,7 +4,8 @@ Set ``QFM_PAUSE_AT=NAME`` (or ``NAME#N`` for the N-th time the point is reached)
 when the process reaches the point it writes FILE (its pid and the point) and sleeps until it is killed.
 Unset, a pause point costs one environment lookup. Points: ``step:G`` (after optimiser step G, counted from 0
 over the whole run), ``write:NAME:tmp-written`` and ``write:NAME:renamed`` (inside a checkpoint write),
-``upload:NAME`` (after a run folder's commit file NAME reached S3).
+``upload:NAME`` (after a run folder's commit file NAME reached S3). Under torchrun ``QFM_PAUSE_RANK=R`` pauses
+rank R only (the others then wait for it at the next gradient exchange).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 PAUSE_AT = "QFM_PAUSE_AT"
 PAUSE_MARKER = "QFM_PAUSE_MARKER"
+PAUSE_RANK = "QFM_PAUSE_RANK"  # under torchrun: only this rank pauses (default: every rank)
 _reached: Counter[str] = Counter()
 
 
@@ -25,7 +27,7 @@ def pause_point(name: str) -> None:
     if not target:
         return
     wanted, _, nth = target.partition("#")
-    if wanted != name:
+    if wanted != name or os.environ.get(PAUSE_RANK, os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     _reached[name] += 1
     if _reached[name] != int(nth or 1):

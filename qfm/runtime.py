@@ -97,6 +97,9 @@ def set_threads(threads: int, *, name: str = "run.threads") -> int:
 
 
 def setup(run) -> torch.device:
-    """A step's start: its device (run.device) and torch's threads (run.threads) for this process."""
+    """A step's start: its device (run.device) and torch's threads (run.threads) for this process; under
+    torchrun, the rank's process group and its own GPU (qfm.train.distributed.join)."""
+    from qfm.train.distributed import join
+
     set_threads(run.threads)
-    return resolve_device(run.device)
+    return join(resolve_device(run.device))

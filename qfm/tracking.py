@@ -430,8 +430,8 @@ def tracked(step: str, *, inputs: tuple[str, ...], params: tuple[str, ...] = ("p
 
         @functools.wraps(fn)
         def wrapper(*args, tracking: TrackingParams | None = None, **kwargs):
-            if tracking is None or not tracking.enabled:
-                return fn(*args, **kwargs)
+            if tracking is None or not tracking.enabled or os.environ.get("RANK", "0") != "0":
+                return fn(*args, **kwargs)  # under torchrun only rank 0 (RANK 0) tracks the step
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from qfm.config import BankParams, RunParams
-from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
+from qfm.data.torch_dataset import CropConfig, ManifestCropDataset
 from qfm.errors import ConfigError
 from qfm.models import create_model
 from qfm.runtime import loader_workers, setup
@@ -22,6 +22,7 @@ from qfm.snm.bank import index_and_mine
 from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import tracked
+from qfm.train.distributed import from_main, gather_rows, is_main, sharded_loader
 from qfm.train.engine import embed
 from qfm.train.fit import load_trained_model
 
@@ -48,8 +49,10 @@ def build_bank(manifest_dir: str | Path, teacher_dir: str | Path, pseudo_dir: st
     if params.descriptor == "backbone":
         encoder = pretrained_encoder(state["params"], device)
     dataset = ManifestCropDataset(table, TRAIN_COLUMN, "train", CropConfig(**state["crop"]), train=False)
-    loader = make_loader(dataset, params.batch_size, loader_workers(params.workers, device))
-    index, embeddings = embed(encoder, loader, device, progress=progress)
+    loader = sharded_loader(dataset, params.batch_size, loader_workers(params.workers, device))
+    index, embeddings = gather_rows(*embed(encoder, loader, device, progress=progress and is_main()))
+    if not is_main():  # under torchrun each rank embedded its share; rank 0 indexes, mines and writes
+        return from_main(None)
     frame = table.frame.iloc[dataset.row_positions[index]]
     meta = pd.DataFrame({"image_id": frame["image_id"].astype(str).to_numpy(),
                          "content_id": frame["content_id"].astype(str).to_numpy(),
@@ -61,4 +64,4 @@ def build_bank(manifest_dir: str | Path, teacher_dir: str | Path, pseudo_dir: st
     summary |= {"split": run.split, "descriptor": params.descriptor, "n_labelled": int((~meta["is_pseudo"]).sum()),
                 "n_pseudo": int(meta["is_pseudo"].sum())}
     write_json(Path(out_dir) / "summary.json", summary)
-    return summary
+    return from_main(summary)

@@ -24,12 +24,13 @@ from qfm.config import PseudoLabelParams, RunParams
 from qfm.data.distortions import DISTORTIONS, POOL_DISTORTIONS
 from qfm.data.images import list_images
 from qfm.data.manifest import Manifest
-from qfm.data.torch_dataset import CropConfig, ImageListDataset, make_loader
+from qfm.data.torch_dataset import CropConfig, ImageListDataset
 from qfm.errors import ConfigError, DataError
 from qfm.inference import recording_errors
 from qfm.runtime import loader_workers, setup
 from qfm.steps.common import manifest_for_split, model_path, write_json
 from qfm.tracking import tracked
+from qfm.train.distributed import from_main, gather_dict, gather_rows, is_main, sharded_loader
 from qfm.train.engine import predict
 from qfm.train.fit import load_trained_model
 
@@ -114,8 +115,9 @@ def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str
     manifest = manifest_for_split(manifest_dir, run.split)
     if not params.pool:
         return _write_empty(out_dir, run, params, excluded={})
-    if params.pool == SYNTHETIC:
-        pool = make_synthetic_pool(manifest, run.split, out_dir, params.synthetic_per_image, progress=progress)
+    if params.pool == SYNTHETIC:  # written once, by rank 0 under torchrun
+        pool = from_main(make_synthetic_pool(manifest, run.split, out_dir, params.synthetic_per_image,
+                                             progress=progress) if is_main() else None)
     else:
         pool = read_pool(manifest, params.pool)
     files = resolve_paths(pool, manifest.root, out_dir)
@@ -132,8 +134,10 @@ def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str
     crops = CropConfig(**state["crop"])
     dataset = ImageListDataset(files, crops, train=False, on_error="report")
     errors: dict[int, str] = {}
-    loader = make_loader(dataset, params.batch_size, loader_workers(params.workers, device))
-    index, score, spread = predict(teacher, recording_errors(loader, errors), device, progress=progress, desc="pseudo-label")
+    loader = sharded_loader(dataset, params.batch_size, loader_workers(params.workers, device))
+    index, score, spread = gather_rows(*predict(teacher, recording_errors(loader, errors), device,
+                                                progress=progress and is_main(), desc="pseudo-label"))
+    errors = gather_dict(errors)
     bad = sorted(errors)
     if bad and not params.skip_unreadable:
         listed = "\n".join(f"  - {files[i]}: {errors[i]}" for i in bad[:20])
@@ -150,16 +154,18 @@ def pseudo_label(manifest_dir: str | Path, teacher_dir: str | Path, out_dir: str
                                       params.max_uncertainty)
     pool["kept"] = kept
     pool["score"] = pool["score"].clip(0.0, 1.0)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pool[COLUMNS].to_parquet(out_dir / TABLE, index=False)
+    if is_main():  # under torchrun rank 0 writes; the other ranks return the same summary
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pool[COLUMNS].to_parquet(out_dir / TABLE, index=False)
     return write_summary(out_dir, pool, run, params, excluded=excluded)
 
 
 def _write_empty(out_dir: Path, run: RunParams, params: PseudoLabelParams, excluded: dict[str, int]) -> dict:
     types = [str, str, str, str, float, float, bool, str]
     table = pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(COLUMNS, types)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out_dir / TABLE, index=False)
+    if is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        table.to_parquet(out_dir / TABLE, index=False)
     return write_summary(out_dir, table, run, params, excluded=excluded)
 
 
@@ -220,7 +226,8 @@ def write_summary(out_dir: Path, table: pd.DataFrame, run: RunParams, params: Ps
         "kept_score_mean": float(kept["score"].mean()) if len(kept) else None,
         "kept_uncertainty_max": float(kept["uncertainty"].max()) if len(kept) else None,
     }
-    write_json(out_dir / "summary.json", summary)
+    if is_main():
+        write_json(out_dir / "summary.json", summary)
     return summary
 
 

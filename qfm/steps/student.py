@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qfm.config import RunParams, StudentParams
-from qfm.data.torch_dataset import ManifestCropDataset, make_loader
+from qfm.data.torch_dataset import ManifestCropDataset
 from qfm.errors import DataError
 from qfm.eval.report import training_curves_plot
 from qfm.losses import LossWeights
@@ -20,6 +20,7 @@ from qfm.snm.bank import load_pairs
 from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import TRAINING_OUTPUTS, tracked
+from qfm.train.distributed import gather_rows, is_main, sharded_loader
 from qfm.train.engine import predict
 from qfm.train.fit import build_model, crop_config, fit, load_trained_model
 from qfm.train.sampler import PairBatches, ShuffledBatches
@@ -104,7 +105,6 @@ def train_student(manifest_dir: str | Path, out_dir: str | Path, params: Student
     result = fit(model, train_set, val_set, step, params, out_dir, device=device, resume=resume,
                  progress=progress, batch_sampler=sampler, on_epoch=on_epoch, inputs=inputs)
     out_dir = Path(out_dir)
-    training_curves_plot(out_dir / "training_curves.png", result.history)
     pairs_trained = [int(r.get("n_qcc_pairs", 0)) for r in result.history]
     summary = {"split": run.split, "model": params.model, "weights": model.weights_source,
                "best_epoch": result.best_epoch, "selected_on": f"val {params.select_metric}", "val": result.best_val,
@@ -112,7 +112,9 @@ def train_student(manifest_dir: str | Path, out_dir: str | Path, params: Student
                "qcc": bool(partners), "rule": rule if partners else None,
                "n_anchors_with_partners": len(partners), "qcc_pairs_per_epoch": pairs_trained,
                "seconds": round(result.seconds, 1)}
-    write_json(out_dir / "summary.json", summary)
+    if is_main():  # under torchrun rank 0 writes; the other ranks return the same summary
+        training_curves_plot(out_dir / "training_curves.png", result.history)
+        write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -126,9 +128,8 @@ def _teacher_scores(teacher_dir, table, crops, device, params: StudentParams) ->
         raise DataError("train_student.lambda_kd > 0 needs the teacher: pass the teacher's folder")
     teacher, _ = load_trained_model(model_path(teacher_dir), device)
     images = ManifestCropDataset(table, TRAIN_COLUMN, "train", crops, train=False)
-    workers = loader_workers(params.workers, device)
-    index, score, _ = predict(teacher, make_loader(images, params.batch_size, workers), device,
-                              progress=False, desc="teacher scores")
+    loader = sharded_loader(images, params.batch_size, loader_workers(params.workers, device))
+    index, score = gather_rows(*predict(teacher, loader, device, progress=False, desc="teacher scores")[:2])
     out = np.zeros(len(images), dtype=np.float32)
     out[index] = score
     return out

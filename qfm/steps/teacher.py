@@ -10,6 +10,7 @@ from qfm.eval.report import training_curves_plot
 from qfm.runtime import setup
 from qfm.steps.common import manifest_for_split, write_json
 from qfm.tracking import TRAINING_OUTPUTS, tracked
+from qfm.train.distributed import is_main
 from qfm.train.fit import build_model, crop_config, fit
 from qfm.train.steps import plain_step
 
@@ -26,10 +27,11 @@ def train_teacher(manifest_dir: str | Path, out_dir: str | Path, params: TrainPa
     result = fit(model, train_set, val_set, plain_step, params, out_dir, device=setup(run), resume=resume,
                  progress=progress, on_epoch=on_epoch)
     out_dir = Path(out_dir)
-    training_curves_plot(out_dir / "training_curves.png", result.history)
     summary = {"split": run.split, "model": params.model, "weights": model.weights_source,
                "best_epoch": result.best_epoch, "selected_on": f"val {params.select_metric}",
                "val": result.best_val, "n_train": len(train_set), "n_val": len(val_set),
                "seconds": round(result.seconds, 1)}
-    write_json(out_dir / "summary.json", summary)
+    if is_main():  # under torchrun rank 0 writes; the other ranks return the same summary
+        training_curves_plot(out_dir / "training_curves.png", result.history)
+        write_json(out_dir / "summary.json", summary)
     return summary

@@ -103,6 +103,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint after verifying its checksum; a partial or corrupt file is refused, never loaded, and
     so is a pickled one (it names the conversion command)."""
     path = Path(path)
+    return _to_device(decode_checkpoint(read_checkpoint_bytes(path), path), torch.device(map_location))
+
+
+def decode_checkpoint(data: bytes, path: str | Path) -> dict[str, Any]:
+    """A verified checkpoint's bytes (read_checkpoint_bytes) as its state; `path` names it in errors."""
+    try:
+        return decode_state(data)
+    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
+        raise DataError(f"checkpoint {path} cannot be read as a qfm safetensors checkpoint ({exc})") from exc
+
+
+def read_checkpoint_bytes(path: str | Path) -> bytes:
+    """A checkpoint file's bytes once its checksum matches (see load_checkpoint, which decodes them)."""
+    path = Path(path)
     if path.suffix == LEGACY_SUFFIX or (not path.exists() and path.with_suffix(LEGACY_SUFFIX).is_file()):
         legacy = path if path.suffix == LEGACY_SUFFIX else path.with_suffix(LEGACY_SUFFIX)
         raise DataError(legacy_message(legacy))
@@ -120,11 +134,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if actual != expected:
         raise DataError(f"checkpoint {path} is corrupt or partial (checksum mismatch: {len(data)} bytes); "
                         "refusing to load it (delete it to start from the previous checkpoint or from scratch)")
-    try:
-        state = decode_state(data)
-    except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as exc:
-        raise DataError(f"checkpoint {path} cannot be read as a qfm safetensors checkpoint ({exc})") from exc
-    return _to_device(state, torch.device(map_location))
+    return data
 
 
 def legacy_message(path: Path) -> str:

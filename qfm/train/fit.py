@@ -27,13 +27,27 @@ from qfm.runtime import loader_workers, resolve_device
 from qfm.train.checkpoint import (
     BEST,
     LAST,
+    decode_checkpoint,
     load_checkpoint,
+    read_checkpoint_bytes,
     rng_state,
     save_checkpoint,
     seed_everything,
     set_rng_state,
 )
-from qfm.train.engine import StepFn, make_optimizer, make_scheduler, predict, train_one_epoch
+from qfm.train.distributed import (
+    RankBatches,
+    broadcast_bytes,
+    combine_logs,
+    data_parallel_step,
+    from_main,
+    gather_rows,
+    per_rank_batch,
+    ranks,
+    sharded_loader,
+    sync_buffers,
+)
+from qfm.train.engine import COUNT_PREFIX, StepFn, make_optimizer, make_scheduler, predict, train_one_epoch
 from qfm.train.sampler import ShuffledBatches
 
 HISTORY = "history.json"
@@ -95,8 +109,10 @@ def _model_state(model: nn.Module, crop: CropConfig, epoch: int, val: dict, para
 
 def validation_metrics(model: nn.Module, loader: DataLoader, mos: np.ndarray, device: torch.device,
                        amp: bool, progress: bool) -> tuple[dict, np.ndarray]:
-    """Metrics on the validation part; {'error': why} when they cannot be computed (e.g. constant predictions)."""
+    """Metrics on the validation part; {'error': why} when they cannot be computed (e.g. constant predictions).
+    Under torchrun each rank predicts its share of the images and the predictions are gathered first."""
     index, pred, _ = predict(model, loader, device, amp=amp, progress=progress, desc="validate")
+    index, pred = gather_rows(index, pred)
     try:
         return compute_metrics(pred, mos[index]), pred
     except DataError as exc:
@@ -145,11 +161,14 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
     The best epoch is the one whose validation metric is best in the metric's own direction (RMSE: lowest);
     an epoch whose metric could not be computed is never chosen. `inputs` names other inputs the result
     depends on (digests); `resume` continues OUT/last.safetensors only if it was made with the same parameters,
-    data and inputs."""
+    data and inputs. Under torchrun (qfm.train.distributed) params.batch_size is the global batch, each rank
+    trains on its share under DDP, validation is gathered from every rank, and only rank 0 writes."""
     started = time.perf_counter()
     check_metric(params.select_metric, "select_metric")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    here = ranks()
+    if here.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     check_normalisation(train_set.config, model, "the training dataset")
     check_normalisation(val_set.config, model, "the validation dataset")
     device = resolve_device(device)
@@ -157,9 +176,12 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
     model.to(device).to(memory_format=torch.channels_last)  # faster convolutions on GPU and CPU alike
     if batch_sampler is None:  # order from (seed, epoch) only, so a resumed run sees the same batches
         batch_sampler = ShuffledBatches(len(train_set), params.batch_size, params.seed)
+    rank_batch = per_rank_batch(params.batch_size, "batch_size")
+    if here.world > 1:  # each rank trains on its share of the same global batches
+        batch_sampler = RankBatches(batch_sampler, here.rank, here.world, getattr(batch_sampler, "partners", None))
     workers = loader_workers(params.workers, device, name="workers")
     train_loader = make_loader(train_set, workers=workers, batch_sampler=batch_sampler)
-    val_loader = make_loader(val_set, params.batch_size, workers)
+    val_loader = sharded_loader(val_set, rank_batch, workers)
     steps_per_epoch = len(train_loader)
     optimizer = make_optimizer(model, params.lr, params.weight_decay)
     scheduler = make_scheduler(optimizer, params.epochs * steps_per_epoch,
@@ -170,30 +192,38 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
     start_epoch = 0
     last_path = out_dir / LAST
     identity = run_identity(params, train_set, val_set, inputs)
-    if resume and last_path.exists():
-        state = load_checkpoint(last_path)
+    if resume and from_main(last_path.exists()):  # every rank resumes from rank 0's checkpoint
+        data = broadcast_bytes(read_checkpoint_bytes(last_path) if here.main else None, device)
+        state = decode_checkpoint(data, last_path)
         check_resumable(last_path, state.get("identity"), identity)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+    step = data_parallel_step(model, step_fn, device)
     val_mos = val_set.mos
     for epoch in range(start_epoch, params.epochs):
         epoch_started = time.perf_counter()
         train_set.set_epoch(epoch)
         batch_sampler.set_epoch(epoch)
-        train_log = train_one_epoch(model, train_loader, step_fn, optimizer, scheduler, device, epoch=epoch,
-                                    clip_grad=params.clip_grad, amp=params.amp, progress=progress,
+        train_log = train_one_epoch(model, train_loader, step, optimizer, scheduler, device, epoch=epoch,
+                                    clip_grad=params.clip_grad, amp=params.amp, progress=progress and here.main,
                                     on_step=_pause_after_step)
-        val, _ = validation_metrics(model, val_loader, val_mos, device, params.amp, progress)
+        sync_buffers(model)
+        train_log = combine_logs(train_log, COUNT_PREFIX)
+        val, _ = validation_metrics(model, val_loader, val_mos, device, params.amp, progress and here.main)
         value = val.get(params.select_metric)
         val_log = {f"val_{k}": v for k, v in val.items() if _is_number(v) or k == "error"}
         record = {"epoch": epoch, **train_log, **val_log, "lr": scheduler.get_last_lr()[0],
                   "seconds": time.perf_counter() - epoch_started}
         history.append(record)
-        if _is_finite(value) and (best["value"] is None or gain(params.select_metric, value, best["value"]) > 0):
+        improved = _is_finite(value) and (best["value"] is None or gain(params.select_metric, value, best["value"]) > 0)
+        if improved:
             best = {"epoch": epoch, "value": value, "val": val}
+        if not here.main:  # only rank 0 writes; every rank holds the same model, history and choice
+            continue
+        if improved:
             save_checkpoint(_model_state(model, train_set.config, epoch, val, params), out_dir / BEST)
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
