@@ -32,7 +32,7 @@ MARKER = "unit.json"
 LOCK = ".lock"
 #: The modules whose code decides a unit's numbers (relative to the qfm package). A change to their syntax
 #: tree (not to a comment or a docstring) gives every unit a new key.
-RESULT_CODE = ("train", "models", "snm", "losses.py", "data/torch_dataset.py", "data/images.py",
+RESULT_CODE = ("train", "models", "snm", "losses.py", "data/crops.py", "data/torch_dataset.py", "data/images.py",
                "data/distortions.py", "eval/metrics.py", "steps/common.py", "steps/teacher.py", "steps/student.py",
                "steps/pseudo_label.py", "steps/bank.py", "steps/evaluate.py")
 RESULT_LIBRARIES = ("torch", "timm", "faiss-cpu", "numpy", "pillow", "scipy")
