@@ -50,7 +50,8 @@ def object_store_uri(uri: str, what: str) -> str:
 
 
 def run_node(plan: dict) -> int:
-    """What every TrainJob pod runs: fetch the inputs once for this node, then `torchrun -m qfm STEP ...`.
+    """What every TrainJob pod runs: fetch the inputs once for this node, then `torchrun -m qfm.cli STEP ...`
+    (the `qfm` command, as a module that exists in every version of the image).
 
     plan: step (train-teacher or train-student), dataset and manifest (s3:// folders), inputs ({flag: s3://
     folder}, e.g. teacher), params (the params.yaml sections, as mappings), out (s3:// folder), nproc_per_node.
@@ -73,8 +74,8 @@ def run_node(plan: dict) -> int:
     print(f"fetched {fetched.summary()}", flush=True)
     manifest, fetched = fetch_folder(plan["manifest"], storage, what="--manifest")
     write_manifest(read_manifest(manifest, root=dataset), work / "manifest")  # re-rooted at this node's copy
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan['nproc_per_node']}", "-m", "qfm",
-            plan["step"], "--manifest", str(work / "manifest")]
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan['nproc_per_node']}",
+            "-m", "qfm.cli", plan["step"], "--manifest", str(work / "manifest")]
     for flag, uri in plan["inputs"].items():
         local, fetched = fetch_folder(uri, storage, what=f"--{flag}")
         print(f"fetched {fetched.summary()}", flush=True)

@@ -378,7 +378,7 @@ def test_a_trainjob_trains_the_tiny_demo_with_torchrun_and_the_step_logs_its_met
     [job] = cluster.created
     name = job["metadata"]["name"]
     assert f"created TrainJob {NAMESPACE}/{name}: 1 node(s) x {ranks} nvidia.com/gpu" in out
-    assert f"node 0 of 1: torchrun --nproc-per-node={ranks} -m qfm train-teacher --manifest" in out  # node 0's log
+    assert f"node 0 of 1: torchrun --nproc-per-node={ranks} -m qfm.cli train-teacher --manifest" in out  # node 0's log
     assert f"TrainJob {name}: Running; node-0 Running" in out and f"TrainJob {name} completed" in out
     written = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary == written and summary["best_epoch"] == 0 and summary["selected_on"] == "val srcc"
