@@ -2,10 +2,14 @@
 components and DAG as on a cluster, each step a subprocess of the current Python environment.
 
     python -m pipelines.local_run [--params params.yaml] [--set SECTION.KEY=VALUE ...] [--out DIR]
+    python -m pipelines.local_run --study [--rows ROWS.yaml] [--splits split_0,split_1] [...]
 
 The dataset is `--dataset` or params' ingest.root; with ingest.format 'demo' a missing folder is made with
 the built-in demo. Outputs land under OUT/qfm-iqm-<time>/<step>/<output>; platform settings (GPUs, secrets,
 volumes) are ignored locally, and the steps read MLflow settings from this process's environment.
+`--study` runs the study pipeline (pipelines/qfm_study_pipeline.py) instead: its ParallelFor loops run
+here too (kfp.local runs at most two iterations at a time); the report lands under
+OUT/qfm-study-<time>/study-report/.
 """
 
 import argparse
@@ -39,25 +43,40 @@ def prepare_dataset(params: dict, dataset: str | Path | None) -> Path:
 
 def run_local(params: dict, dataset: Path, out: str | Path, min_val_srcc: float = 0.0) -> Path:
     """Run the pipeline under kfp.local; returns the run's folder (one subfolder per step)."""
-    from kfp import local
-
     from pipelines.qfm_pipeline import PIPELINE_NAME, qfm_pipeline, section_arguments
 
+    return _run(qfm_pipeline, PIPELINE_NAME, out, dataset_uri=str(dataset), min_val_srcc=min_val_srcc,
+                **section_arguments(params))
+
+
+def run_study_local(params: dict, dataset: Path, out: str | Path, rows_file: str | Path | None = None,
+                    splits: list[str] = ()) -> Path:
+    """Run the study pipeline under kfp.local; returns the run's folder (the loops' iterations are
+    for-loop-N-iteration-I subfolders; the report is in study-report/)."""
+    from pipelines.qfm_study_pipeline import STUDY_PIPELINE_NAME, qfm_study_pipeline, study_arguments
+
+    arguments = study_arguments(params, None if rows_file is None else str(rows_file), list(splits))
+    return _run(qfm_study_pipeline, STUDY_PIPELINE_NAME, out, dataset_uri=str(dataset), **arguments)
+
+
+def _run(pipeline, name: str, out: str | Path, **arguments) -> Path:
+    from kfp import local
+
     out = Path(out).resolve()
-    before = set(out.glob(f"{PIPELINE_NAME}-*")) if out.is_dir() else set()
+    before = set(out.glob(f"{name}-*")) if out.is_dir() else set()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out), raise_on_error=True)
     previous = os.environ.get(PIPELINE_ENV)  # the steps (subprocesses) share one MLflow pipeline-run tag
     os.environ[PIPELINE_ENV] = previous or f"kfp-local-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         with warnings.catch_warnings():  # the image is the project image, i.e. this very environment
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
-            qfm_pipeline(dataset_uri=str(dataset), min_val_srcc=min_val_srcc, **section_arguments(params))
+            pipeline(**arguments)
     except RuntimeError as exc:  # kfp.local: a task failed; its log (with qfm's message) is printed above
         raise DataError(f"the local pipeline run failed: {exc}") from exc
     finally:
         if previous is None:
             del os.environ[PIPELINE_ENV]
-    runs = sorted(set(out.glob(f"{PIPELINE_NAME}-*")) - before)
+    runs = sorted(set(out.glob(f"{name}-*")) - before)
     if len(runs) != 1:
         raise DataError(f"expected one new run folder under {out}, found {len(runs)}")
     return runs[0]
@@ -74,16 +93,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"local pipeline root (default {DEFAULT_OUT})")
     parser.add_argument("--min-val-srcc", type=float, default=0.0,
                         help="register the student only at this validation SRCC or above")
+    parser.add_argument("--study", action="store_true", help="run the study pipeline (rows compared by pairs)")
+    parser.add_argument("--rows", help="with --study: rows file (default: baseline and qfm), as for `qfm study`")
+    parser.add_argument("--splits", help="with --study: comma-separated split columns (default: all)")
     args = parser.parse_args(argv)
+    if (args.rows or args.splits) and not args.study:
+        parser.error("--rows and --splits belong to the study pipeline: add --study")
     try:
         params = load_params(args.params, overrides=args.set)
         dataset = prepare_dataset(params, args.dataset)
         started = time.perf_counter()
-        run_dir = run_local(params, dataset, args.out, args.min_val_srcc)
+        if args.study:
+            run_dir = run_study_local(params, dataset, args.out, args.rows,
+                                      args.splits.split(",") if args.splits else [])
+        else:
+            run_dir = run_local(params, dataset, args.out, args.min_val_srcc)
     except QfmError as exc:
         print(f"pipelines.local_run: error: {exc}", file=sys.stderr)
         return 2
     print(f"local pipeline run finished in {time.perf_counter() - started:.1f} s; outputs in {run_dir}")
+    if args.study:
+        print(f"the study's report: {run_dir / 'study-report' / 'study' / 'study.md'}")
+        return 0
     if not (run_dir / "promote").is_dir():
         print(f"promote did not run: the student's validation SRCC is below --min-val-srcc {args.min_val_srcc} "
               f"(see {run_dir / 'train-student'})")

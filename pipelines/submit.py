@@ -1,6 +1,7 @@
 """Submit the pipeline to a Kubeflow Pipelines cluster:
 
     python -m pipelines.submit --host URL --dataset-uri s3://... --pipeline-root s3://... --image REG/qfm:TAG
+    python -m pipelines.submit ... --study [--rows ROWS.yaml] [--splits split_0,split_1]   (the study pipeline)
 
 Parameters come from params.yaml (plus --set overrides), checked by qfm's schema. Everything is checked
 before the cluster is contacted, and the host is probed before anything is created, so a bad parameter
@@ -32,6 +33,7 @@ class Submission:
     pipeline_root: str
     namespace: str | None
     enable_caching: bool
+    study: bool = False             # the study pipeline (pipelines/qfm_study_pipeline.py) rather than qfm-iqm
 
 
 def _remote_uri(flag: str, uri: str) -> str:
@@ -79,34 +81,43 @@ def _training_layout(args: argparse.Namespace) -> int:
 def build_submission(args: argparse.Namespace) -> Submission:
     """Check every argument and turn params.yaml into the pipeline's arguments; raises ConfigError."""
     from pipelines.qfm_pipeline import qfm_pipeline, section_arguments
+    from pipelines.qfm_study_pipeline import qfm_study_pipeline, study_arguments
     from qfm.config import load_params
 
+    if (args.rows or args.splits) and not args.study:
+        raise ConfigError("--rows and --splits belong to the study pipeline: add --study")
     params = load_params(args.params, overrides=args.set)
     training_pod_gpus = _training_layout(args)
+    if args.study and args.nodes * args.gpus_per_node != 1:
+        raise ConfigError(f"--nodes {args.nodes} --gpus-per-node {args.gpus_per_node}: the study pipeline trains each "
+                          "row in its own pod on --gpu-count GPUs (no TrainJob); leave both at 1 with --study")
     if not args.image.strip():
         raise ConfigError("--image is empty: give the pushed project image, e.g. registry.example.com/qfm:0.1.0-cuda")
     arguments = {
         "dataset_uri": _remote_uri("--dataset-uri", args.dataset_uri),
         "image": args.image.strip(),
-        **section_arguments(params),
-        "min_val_srcc": args.min_val_srcc,
         "accelerator_type": args.accelerator_type,
         "gpu_count": args.gpu_count,
-        "nodes": args.nodes,
-        "gpus_per_node": args.gpus_per_node,
-        "training_pod_gpus": training_pod_gpus,
         "gpu_node_selector": _json_option("--node-selector", args.node_selector, dict),
         "gpu_tolerations": _json_option("--tolerations", args.tolerations, list),
         "s3_secret": args.s3_secret,
         "mlflow_secret": args.mlflow_secret,
     }
-    unknown = sorted(set(arguments) - set(qfm_pipeline.component_spec.inputs))
+    if args.study:
+        pipeline = qfm_study_pipeline
+        arguments |= study_arguments(params, args.rows, args.splits.split(",") if args.splits else [])
+    else:
+        pipeline = qfm_pipeline
+        arguments |= {**section_arguments(params), "min_val_srcc": args.min_val_srcc, "nodes": args.nodes,
+                      "gpus_per_node": args.gpus_per_node, "training_pod_gpus": training_pod_gpus}
+    unknown = sorted(set(arguments) - set(pipeline.component_spec.inputs))
     if unknown:  # the pipeline and this script disagree: a bug, not a user error, but say it plainly
         raise ConfigError(f"the pipeline has no parameter(s) {unknown}; recompile (python -m pipelines.compile)")
-    run_name = args.run_name or f"qfm-{params['ingest'].format}-{params['run'].split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    what = "study" if args.study else params["run"].split
+    run_name = args.run_name or f"qfm-{params['ingest'].format}-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
     return Submission(arguments=arguments, run_name=run_name, experiment=args.experiment,
                       pipeline_root=_remote_uri("--pipeline-root", args.pipeline_root), namespace=args.namespace,
-                      enable_caching=not args.no_cache)
+                      enable_caching=not args.no_cache, study=args.study)
 
 
 def check_host(host: str, timeout: float) -> str:
@@ -143,11 +154,11 @@ def submit(host: str, submission: Submission, timeout: float = 10.0) -> str:
     import kfp
     from kfp_server_api.exceptions import ApiException
 
-    from pipelines.compile import compile_pipeline
+    from pipelines.compile import compile_pipeline, compile_study_pipeline
 
     url = check_host(host, timeout)
     with tempfile.TemporaryDirectory() as tmp:
-        package = compile_pipeline(Path(tmp) / "qfm_pipeline.yaml")
+        package = (compile_study_pipeline if submission.study else compile_pipeline)(Path(tmp) / "pipeline.yaml")
         client = kfp.Client(host=url, namespace=submission.namespace or "kubeflow")
         try:
             result = client.create_run_from_pipeline_package(
@@ -173,10 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one parameter (repeatable), e.g. train_student.epochs=20")
     parser.add_argument("--experiment", default="qfm", help="experiment name (default qfm; created if new)")
-    parser.add_argument("--run-name", help="run name (default qfm-FORMAT-SPLIT-TIME)")
+    parser.add_argument("--run-name", help="run name (default qfm-FORMAT-SPLIT-TIME, or qfm-FORMAT-study-TIME)")
     parser.add_argument("--namespace", help="Kubeflow namespace (multi-user deployments)")
     parser.add_argument("--min-val-srcc", type=float, default=0.0,
-                        help="register the student only at this validation SRCC or above")
+                        help="register the student only at this validation SRCC or above (not with --study)")
+    parser.add_argument("--study", action="store_true",
+                        help="submit the study pipeline: rows of overrides compared by pairs, as `qfm study`")
+    parser.add_argument("--rows", help="with --study: rows file (default: baseline and qfm)")
+    parser.add_argument("--splits", help="with --study: comma-separated split columns (default: all)")
     parser.add_argument("--accelerator-type", default="nvidia.com/gpu", help="GPU resource name")
     parser.add_argument("--gpu-count", type=int, default=1,
                         help="GPUs of each GPU step's pod: 1 (default) or 0 (the CPU image)")

@@ -10,6 +10,9 @@ rerun recomputes only what changed.
 Every row is compared with the reference row on the same splits (qfm.eval.paired); the best row is the one
 with the best median validation SRCC, never chosen on test. Outputs: study.json, study.md and
 study_differences.png.
+
+The Kubeflow study pipeline (pipelines/qfm_study_pipeline.py) calls the same pieces one by one: shared_units
+per split, run_row_safely per split and row, then summarize and write_study.
 """
 
 from __future__ import annotations
@@ -65,13 +68,15 @@ def read_rows(path: str | Path | None) -> tuple[list[Row], str]:
     (every QFM part off) as the reference and 'qfm' (the parameters as given).
     """
     if path is None:
-        data = {"rows": DEFAULT_ROWS, "reference": "baseline"}
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"rows file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-    where = path or "the default rows"
+        return parse_rows({"rows": DEFAULT_ROWS, "reference": "baseline"}, "the default rows")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"rows file {path} does not exist")
+    return parse_rows(yaml.safe_load(path.read_text()) or {}, str(path))
+
+
+def parse_rows(data: object, where: str) -> tuple[list[Row], str]:
+    """The rows and the reference of a rows mapping (a rows file's content); errors name `where`."""
     if not isinstance(data, dict) or not isinstance(data.get("rows"), dict) or not data["rows"]:
         raise ConfigError(f"{where}: needs 'rows:', a mapping of row name to overrides (section.key: value)")
     unknown = sorted(set(data) - {"rows", "reference"})
@@ -91,6 +96,12 @@ def read_rows(path: str | Path | None) -> tuple[list[Row], str]:
     if reference not in {r.name for r in rows}:
         raise ConfigError(f"{where}: reference '{reference}' is not one of the rows {[r.name for r in rows]}")
     return rows, reference
+
+
+def rows_mapping(rows: list[Row], reference: str) -> dict:
+    """The rows file's content for these rows (parse_rows reads it back to the same rows)."""
+    return {"rows": {r.name: {k: json.loads(v) for k, v in (o.split("=", 1) for o in r.overrides)}
+                     for r in rows}, "reference": reference}
 
 
 def row_params(params_file: str | Path | None, overrides: list[str], row: Row) -> dict:
@@ -115,23 +126,53 @@ def is_plain(student: StudentParams) -> bool:
     return not uses_qcc(student) and not uses_pseudo_labels(student) and student.lambda_kd == 0
 
 
+def _quiet(unit) -> None:
+    pass
+
+
+def _train(units: UnitStore, manifest_dir, recipe: TrainParams, run):
+    return units.run("train", {"params": _payload(recipe)}, lambda out, resume: train_teacher(
+        manifest_dir, out, recipe, run, resume=resume, progress=False), resumable=True)
+
+
+def shared_units(units: UnitStore, manifest_dir: str | Path, params: dict, split: str,
+                 report: Callable[[object], None] = _quiet) -> dict:
+    """The units of one row on one split that other rows may share: the teacher, and the DLE pool and the
+    SNM bank where the row's student uses them; returns them by kind ('teacher', 'pseudo', 'bank')."""
+    run = replace(params["run"], split=split)
+    teacher = _train(units, manifest_dir, params["train_teacher"], run)
+    report(teacher)
+    shared = {"teacher": teacher}
+    student, pool_params, bank_params = params["train_student"], params["pseudo_label"], params["build_bank"]
+    if is_plain(student):
+        return shared
+    if pool_params.pool and (uses_pseudo_labels(student) or uses_qcc(student) and bank_params.include_pseudo):
+        shared["pseudo"] = units.run("pseudo", {"params": _payload(pool_params), "teacher": teacher.key},
+                                     lambda out, resume: pseudo_label(manifest_dir, teacher.path, out, pool_params,
+                                                                      run, progress=False))
+        report(shared["pseudo"])
+    if uses_qcc(student):
+        bank_pool = shared.get("pseudo") if bank_params.include_pseudo else None
+        shared["bank"] = units.run("bank", {"params": _payload(bank_params), "teacher": teacher.key,
+                                            "pseudo": bank_pool.key if bank_pool else None},
+                                   lambda out, resume: build_bank(manifest_dir, teacher.path,
+                                                                  bank_pool.path if bank_pool else None, out,
+                                                                  bank_params, run, progress=False))
+        report(shared["bank"])
+    return shared
+
+
 def run_row(units: UnitStore, manifest_dir: str | Path, params: dict, split: str,
             report: Callable[[object], None]) -> dict:
     """The training chain of one row on one split; returns its units, validation and test figures."""
     run = replace(params["run"], split=split)
-
-    def train(recipe: TrainParams):
-        return units.run("train", {"params": _payload(recipe)}, lambda out, resume: train_teacher(
-            manifest_dir, out, recipe, run, resume=resume, progress=False), resumable=True)
-
-    teacher = train(params["train_teacher"])
-    report(teacher)
-    student_params = params["train_student"]
-    chain = {"teacher": teacher.key}
-    if is_plain(student_params):
-        model = train(recipe_of(student_params))
+    shared = shared_units(units, manifest_dir, params, split, report)
+    chain = {kind: unit.key for kind, unit in shared.items()}
+    student = params["train_student"]
+    if is_plain(student):
+        model = _train(units, manifest_dir, recipe_of(student), run)
     else:
-        model = _qfm_student(units, manifest_dir, params, run, teacher, chain, report)
+        model = _qfm_student(units, manifest_dir, student, run, shared)
     report(model)
     chain["model"] = model.key
     test = units.run("evaluate", {"model": model.key, "part": "test"}, lambda out, resume: evaluate(
@@ -141,27 +182,9 @@ def run_row(units: UnitStore, manifest_dir: str | Path, params: dict, split: str
             "test": test.result, "predictions": str(test.path / "predictions.csv")}
 
 
-def _qfm_student(units: UnitStore, manifest_dir, params: dict, run, teacher, chain: dict, report):
-    student, pool_params, bank_params = params["train_student"], params["pseudo_label"], params["build_bank"]
-    has_pool = bool(pool_params.pool)
-    pool = None
-    if has_pool and (uses_pseudo_labels(student) or uses_qcc(student) and bank_params.include_pseudo):
-        pool = units.run("pseudo", {"params": _payload(pool_params), "teacher": teacher.key},
-                         lambda out, resume: pseudo_label(manifest_dir, teacher.path, out, pool_params, run,
-                                                          progress=False))
-        report(pool)
-        chain["pseudo"] = pool.key
-    bank = None
-    if uses_qcc(student):
-        bank_pool = pool if bank_params.include_pseudo else None
-        bank = units.run("bank", {"params": _payload(bank_params), "teacher": teacher.key,
-                                  "pseudo": bank_pool.key if bank_pool else None},
-                         lambda out, resume: build_bank(manifest_dir, teacher.path,
-                                                        bank_pool.path if bank_pool else None, out, bank_params,
-                                                        run, progress=False))
-        report(bank)
-        chain["bank"] = bank.key
-    student_pool = pool if uses_pseudo_labels(student) else None
+def _qfm_student(units: UnitStore, manifest_dir, student: StudentParams, run, shared: dict):
+    teacher, bank = shared["teacher"], shared.get("bank")
+    student_pool = shared.get("pseudo") if uses_pseudo_labels(student) else None
     payload = {"params": _payload(student), "teacher": teacher.key if student.lambda_kd > 0 else None,
                "pseudo": student_pool.key if student_pool else None, "bank": bank.key if bank else None}
     return units.run("student", payload, lambda out, resume: train_student(
@@ -181,22 +204,26 @@ def _progress_line(split: str, row: str, unit) -> str:
     return "  ".join(bits)
 
 
+def progress_reporter(split: str, row: str, progress: bool) -> Callable[[object], None]:
+    """A report callback printing one line per finished unit (or nothing without progress)."""
+    return (lambda unit: print(_progress_line(split, row, unit), flush=True)) if progress else _quiet
+
+
 def run_split(manifest_dir: str, units_dir: str, params_file: str | None, overrides: list[str], rows: list[Row],
               split: str, context: dict, threads: int, progress: bool) -> dict[str, dict]:
     """Every row on one split (one process of the study); a row that fails is recorded, not fatal."""
     set_threads(threads)
     with UnitStore(Path(units_dir) / split, context) as units:
-        return {row.name: _run_row_safely(units, manifest_dir, params_file, overrides, row, split, progress)
+        return {row.name: run_row_safely(units, manifest_dir, params_file, overrides, row, split, progress)
                 for row in rows}
 
 
-def _run_row_safely(units: UnitStore, manifest_dir: str, params_file: str | None, overrides: list[str], row: Row,
-                    split: str, progress: bool) -> dict:
+def run_row_safely(units: UnitStore, manifest_dir: str, params_file: str | None, overrides: list[str], row: Row,
+                   split: str, progress: bool) -> dict:
+    """run_row with the row's parameters; a failure is returned as {'error': ...} (printed with progress)."""
     started = time.perf_counter()
 
-    def report(unit):
-        if progress:
-            print(_progress_line(split, row.name, unit), flush=True)
+    report = progress_reporter(split, row.name, progress)
     try:
         result = run_row(units, manifest_dir, row_params(params_file, overrides, row), split, report)
         result["seconds"] = round(time.perf_counter() - started, 1)
@@ -226,8 +253,7 @@ def run_study(manifest_dir: str | Path, out_dir: str | Path, splits: list[str], 
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(params[reference]["run"].device)
-    context = {"data": data_version(manifest_dir), "code": code_version(), "device": device.type}
+    context = study_context(manifest_dir, params[reference]["run"].device)
     jobs = min(jobs, len(splits))
     threads = params[reference]["run"].threads or max(1, available_cores() // jobs)
     started = time.perf_counter()
@@ -244,10 +270,21 @@ def run_study(manifest_dir: str | Path, out_dir: str | Path, splits: list[str], 
               "wall_seconds": round(time.perf_counter() - started, 1),
               "command": {"rows_file": None if rows_file is None else str(rows_file),
                           "params_file": None if params_file is None else str(params_file), "overrides": overrides}}
+    write_study(out_dir, study)
+    return study
+
+
+def study_context(manifest_dir: str | Path, device: str) -> dict:
+    """What keys every unit besides its own inputs: the data version, the code version, the device type."""
+    return {"data": data_version(manifest_dir), "code": code_version(), "device": resolve_device(device).type}
+
+
+def write_study(out_dir: str | Path, study: dict) -> None:
+    """study.json, study.md and study_differences.png of a summarized study into out_dir."""
+    out_dir = Path(out_dir)
     write_json(out_dir / "study.json", study)
     (out_dir / "study.md").write_text(study_markdown(study))
     paired_differences_plot(out_dir / "study_differences.png", study)
-    return study
 
 
 def _metric(result: dict, part: str, metric: str) -> float | None:

@@ -1,0 +1,36 @@
+"""study-units: one split's shared units (teacher, DLE pool, SNM bank), each computed once for every row."""
+
+from kfp.dsl import Artifact, Dataset, Input, Output
+
+from components.base import local_manifest, note_summary, qfm_component
+
+
+@qfm_component
+def study_units(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[Artifact], split: str,
+                units: Output[Artifact]) -> list:
+    """Train the units of `split` that rows share, each once however many rows ask for it (keyed by its
+    fingerprint, qfm.steps.units): the teacher, and the DLE pool and the SNM bank of each setting a row's
+    student uses. `units` is the split's unit store. Returns {"split": split, "row": name} for every row: the
+    items of the inner loop (the split travels in each item, not from the outer loop)."""
+    import json
+    from pathlib import Path
+
+    from qfm.config import load_params
+    from qfm.runtime import resolve_device
+    from qfm.steps.study import progress_reporter, read_rows, row_params, shared_units
+    from qfm.steps.units import UnitStore
+
+    folder = Path(plan.path)
+    rows, _ = read_rows(folder / "rows.yaml")
+    params_file = folder / "params.yaml"
+    device = resolve_device(load_params(params_file)["run"].device).type
+    context = json.loads((folder / "plan.json").read_text())["context"] | {"device": device}
+    manifest_dir = local_manifest(manifest.path, dataset.path)
+    kept = set()
+    with UnitStore(units.path, context) as store:
+        for row in rows:
+            shared = shared_units(store, manifest_dir, row_params(params_file, [], row), split,
+                                  progress_reporter(split, row.name, True))
+            kept |= {unit.path.name for unit in shared.values()}
+    note_summary(units, {"split": split, "units": len(kept), "device": device})
+    return [{"split": split, "row": row.name} for row in rows]
