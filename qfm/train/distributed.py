@@ -246,7 +246,7 @@ def data_parallel_step(model: nn.Module, step_fn: Callable, device: torch.device
         return step_fn
     wrapped = nn.parallel.DistributedDataParallel(
         _StepModule(model, step_fn, device), device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=False)  # every step uses every parameter (the plain and the QCC step alike)
+        find_unused_parameters=True)  # some timm backbones keep parameters outside the features qfm uses
 
     def step(_model: nn.Module, batch: dict, _device: torch.device):
         return wrapped(batch)
