@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,19 @@ def test_sharded_dle_bank_and_qcc_student_match_one_process(tiny_demo, params_fi
     assert pairs_trained[0][0] > 0 and pairs_trained[1] == pairs_trained[0]  # no pair cut between ranks
     assert [p.name for p in (two / "student").glob("*.safetensors")] == [p.name for p in (one / "student").glob(
         "*.safetensors")]
+
+
+@pytest.mark.slow
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused_naming_it(tiny_demo, params_file, tmp_path):
+    done = subprocess.run(launch("-m", "qfm", "train-teacher", "--manifest", str(tiny_demo), "--params",
+                                 str(params_file), "--out", str(tmp_path), "--set", "train_teacher.batch_size=3",
+                                 "--quiet", ranks=2), check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert re.search(r"qfm train-teacher \(rank [01] of 2\): error: batch_size 3 \(the global batch\) does not "
+                     r"split evenly over 2 ranks: set it to a multiple of 2", done.stderr)  # torchrun may stop
+    # the other rank before it prints the same line
+    assert not (tmp_path / LAST).exists()
 
 
 def test_shards_of_a_global_batch_are_equal_and_cover_it():
