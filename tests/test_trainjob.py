@@ -354,21 +354,13 @@ def test_a_launcher_pod_holding_a_gpu_is_refused_before_anything_is_created(clus
 
 # The whole path, run here -----------------------------------------------------------------------------------
 
-def _data_parallel_library() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("qfm.train.distributed") is not None
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.skipif(
-    not _data_parallel_library(), reason="2 ranks need data-parallel training in qfm (qfm.train.distributed)"))])
-def test_a_trainjob_trains_the_tiny_demo_with_torchrun_and_the_step_logs_its_metrics(ranks, cluster, published,
-                                                                                      tmp_path, capsys):
-    """One node of `ranks` GPUs, run here as torchrun would run it on the node: gloo ranks on the CPU."""
+def test_a_trainjob_trains_the_tiny_demo_with_torchrun_and_the_step_logs_its_metrics(cluster, published, tmp_path,
+                                                                                      capsys):
+    """One node of 2 GPUs, run here as torchrun would run it on the node: 2 gloo ranks on the CPU."""
+    ranks = 2
     sections = {k: v for k, v in load_params(None, overrides=TINY).items() if k in ("train_teacher", "run", "tracking")}
     model = _artifact(Model, "s3://kfp/run/train-teacher/model", tmp_path / "model")
-    started = time.perf_counter()
     summary = trainjob.train_on_trainjob(
         "train-teacher", sections, manifest=_artifact(Dataset, published["manifest"], tmp_path / "m"),
         dataset=_artifact(Dataset, published["dataset"], tmp_path / "d"), inputs={}, model=model,
@@ -383,7 +375,6 @@ def test_a_trainjob_trains_the_tiny_demo_with_torchrun_and_the_step_logs_its_met
     written = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary == written and summary["best_epoch"] == 0 and summary["selected_on"] == "val srcc"
     assert (tmp_path / "model" / "best.safetensors").is_file()  # from S3, where rank 0 wrote it
-    assert time.perf_counter() - started < 600
 
 
 @pytest.mark.slow
