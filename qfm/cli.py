@@ -407,7 +407,8 @@ def _add_training_steps(sub) -> None:
     score.add_argument("--out", help="output .csv or .json (default: CSV on standard output)")
     score.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     score.add_argument("--workers", type=_workers, default="auto",
-                       help="decoding worker processes of the torch engine, or auto (default: none on a CPU under 8 cores); the onnxruntime engine decodes in its own process")
+                       help="decoding worker processes of the torch engine, or auto (default: none on a CPU "
+                            "under 8 cores); the onnxruntime engine decodes in its own process")
     score.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
     score.add_argument("--quiet", action="store_true", help="no progress bars")
     score.set_defaults(func=cmd_score)

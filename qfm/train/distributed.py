@@ -154,15 +154,11 @@ def shard_batch(batch: list[int], rank: int, world: int,
     return shares[rank]
 
 
-def rank_indices(n: int) -> list[int]:
-    """The dataset positions this rank scores in a sharded pass: every world-th, starting at its rank."""
-    here = ranks()
-    return list(range(here.rank, n, here.world))
-
-
 def rank_batches(n: int, batch_size: int) -> list[list[int]]:
-    """This rank's positions of a dataset of n images, in batches of batch_size (a scoring pass's order)."""
-    mine = rank_indices(n)
+    """This rank's positions of a dataset of n images (every world-th, from its rank on), in batches of
+    batch_size: a scoring pass's order."""
+    here = ranks()
+    mine = list(range(here.rank, n, here.world))
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
@@ -174,25 +170,30 @@ def sharded_loader(dataset, batch_size: int, workers: int = 0):
     return make_loader(dataset, workers=workers, batch_sampler=rank_batches(len(dataset), batch_size))
 
 
+def _gathered(value) -> list:
+    """Every rank's `value`, in rank order (just [value] outside torchrun)."""
+    if ranks().world == 1:
+        return [value]
+    parts: list = [None] * ranks().world
+    dist.all_gather_object(parts, value)
+    return parts
+
+
 def gather_rows(index: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per-image results of a sharded pass, gathered from every rank and put in dataset order (index)."""
     if ranks().world == 1:
         return (index, *columns)
-    parts: list = [None] * ranks().world
-    dist.all_gather_object(parts, (index, *columns))
-    parts = [p for p in parts if len(p[0])] or parts[:1]  # a rank with no image has no rows (nor width)
-    index = np.concatenate([p[0] for p in parts])
+    parts = [p for p in _gathered((index, *columns)) if len(p[0])]
+    if not parts:  # no rank had an image
+        return (index, *columns)
+    index = np.concatenate([p[0] for p in parts])  # a rank with no image has no rows (nor width): left out
     order = np.argsort(index, kind="stable")
     return (index[order], *(np.concatenate([p[i + 1] for p in parts])[order] for i in range(len(columns))))
 
 
 def gather_dict(values: Mapping) -> dict:
     """A mapping merged from every rank (each rank contributes its own keys)."""
-    if ranks().world == 1:
-        return dict(values)
-    parts: list = [None] * ranks().world
-    dist.all_gather_object(parts, dict(values))
-    return {k: v for part in parts for k, v in part.items()}
+    return {k: v for part in _gathered(dict(values)) for k, v in part.items()}
 
 
 def from_main(value):
@@ -204,19 +205,10 @@ def from_main(value):
     return box[0]
 
 
-def barrier() -> None:
-    """Wait until every rank gets here (a no-op outside torchrun)."""
-    if ranks().world > 1:
-        dist.barrier()
-
-
 def combine_logs(log: Mapping[str, float], count_prefix: str) -> dict[str, float]:
     """An epoch's training log over all ranks: counts (keys with `count_prefix`) summed, ``steps`` as on
     every rank, every other entry averaged over the ranks that logged it."""
-    if ranks().world == 1:
-        return dict(log)
-    parts: list = [None] * ranks().world
-    dist.all_gather_object(parts, dict(log))
+    parts = _gathered(dict(log))
     out: dict[str, float] = {}
     for key in dict.fromkeys(k for part in parts for k in part):
         values = [part[key] for part in parts if key in part]
