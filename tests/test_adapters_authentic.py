@@ -73,7 +73,7 @@ def test_livec_real_clive_dev_release():
         pytest.skip(f"shared dataset clive-dev is not present at {CLIVE_DEV}")
     manifest = build(read_dataset("livec", CLIVE_DEV))
     frame = manifest.frame
-    assert len(frame) == 400
+    assert len(frame) == 600
     assert frame["mos"].between(0.0, 1.0).all()
     assert frame["mos_std"].notna().all()
     assert manifest.split_columns == [f"split_{i}" for i in range(10)]
