@@ -25,8 +25,7 @@ from torch import nn
 from qfm.data.crops import CropConfig
 from qfm.errors import ConfigError, DataError
 from qfm.onnx_engine import CROP_KEY, INPUT_NAME, ONNX_FILE, OUTPUT_NAME
-from qfm.steps.common import model_path
-from qfm.train.checkpoint import LAST, SIDECAR, load_checkpoint
+from qfm.train.checkpoint import LAST, SIDECAR, load_checkpoint, model_path
 from qfm.train.fit import load_trained_model
 
 FORMATS = ("onnx", "torchscript")

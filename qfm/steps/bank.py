@@ -19,9 +19,10 @@ from qfm.errors import ConfigError
 from qfm.models import create_model
 from qfm.runtime import loader_workers, setup
 from qfm.snm.bank import index_and_mine
-from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
+from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import tracked
+from qfm.train.checkpoint import model_path
 from qfm.train.distributed import from_main, gather_rows, is_main, sharded_loader
 from qfm.train.engine import embed
 from qfm.train.fit import load_trained_model

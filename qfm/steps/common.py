@@ -10,9 +10,7 @@ import pandas as pd
 from qfm.data.manifest import Manifest, read_manifest
 from qfm.data.splits import part_mask
 from qfm.errors import DataError
-from qfm.train.checkpoint import BEST, LEGACY_SUFFIX, legacy_message
 
-MODEL_FILE = BEST
 TRAIN_COLUMN = "_train"
 
 
@@ -21,24 +19,6 @@ def manifest_for_split(manifest_dir: str | Path, split: str) -> Manifest:
     manifest = read_manifest(manifest_dir)
     part_mask(manifest.frame, split, "train")
     return manifest
-
-
-def model_path(model_ref: str | Path) -> Path:
-    """A trained model's checkpoint: the file given, or the selected model of a training step's output
-    folder; a DataError naming what is missing, or how to convert the pickled best.pt of an earlier qfm."""
-    ref = Path(model_ref)
-    if ref.is_file():
-        return ref
-    if not ref.exists():
-        raise DataError(f"no trained model at {ref}: it does not exist; pass a trained model folder (holding "
-                        f"{MODEL_FILE}) or the checkpoint file")
-    path = ref / MODEL_FILE
-    if not path.is_file():
-        legacy = path.with_suffix(LEGACY_SUFFIX)
-        if legacy.is_file():
-            raise DataError(legacy_message(legacy))
-        raise DataError(f"no trained model at {path}: run the training step that writes {ref} first")
-    return path
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -23,7 +23,7 @@ from qfm.config import PromoteParams, RunParams, TrackingParams
 from qfm.data.manifest import read_manifest
 from qfm.errors import DataError
 from qfm.registry.gate import Decision, check_metric, decide
-from qfm.steps.common import model_path, write_json
+from qfm.steps.common import write_json
 from qfm.tracking import (
     CHECKPOINT_SHA,
     DATA_VERSION,
@@ -34,6 +34,7 @@ from qfm.tracking import (
     step_run,
     tracking_uri,
 )
+from qfm.train.checkpoint import model_path
 
 RESULT = "promotion.json"
 PROMOTION_TAG = "qfm.promotion"

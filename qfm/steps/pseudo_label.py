@@ -28,8 +28,9 @@ from qfm.data.torch_dataset import CropConfig, ImageListDataset
 from qfm.errors import ConfigError, DataError
 from qfm.inference import recording_errors
 from qfm.runtime import loader_workers, setup
-from qfm.steps.common import manifest_for_split, model_path, write_json
+from qfm.steps.common import manifest_for_split, write_json
 from qfm.tracking import tracked
+from qfm.train.checkpoint import model_path
 from qfm.train.distributed import from_main, gather_dict, gather_rows, is_main, sharded_loader
 from qfm.train.engine import predict
 from qfm.train.fit import load_trained_model

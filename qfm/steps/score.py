@@ -26,7 +26,7 @@ def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.
     """(model, checkpoint state) from a model folder, a best.safetensors, or a registered model (models:/NAME@ALIAS,
     models:/NAME/VERSION; the MLflow tracking URI is $MLFLOW_TRACKING_URI, else the project's default)."""
     from qfm.runtime import resolve_device
-    from qfm.steps.common import model_path
+    from qfm.train.checkpoint import model_path
     from qfm.train.fit import load_trained_model
 
     if str(model_ref).startswith(MODEL_URI):

@@ -17,9 +17,10 @@ from qfm.eval.report import training_curves_plot
 from qfm.losses import LossWeights
 from qfm.runtime import loader_workers, setup
 from qfm.snm.bank import load_pairs
-from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, model_path, training_manifest, write_json
+from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import TRAINING_OUTPUTS, tracked
+from qfm.train.checkpoint import model_path
 from qfm.train.distributed import gather_rows, is_main, sharded_loader
 from qfm.train.engine import predict
 from qfm.train.fit import build_model, crop_config, fit, load_trained_model

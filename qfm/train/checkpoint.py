@@ -143,6 +143,24 @@ def legacy_message(path: Path) -> str:
             f"checkpoints (no code can run on loading). Convert it once: qfm convert {path}")
 
 
+def model_path(model_ref: str | Path) -> Path:
+    """A trained model's checkpoint: the file given, or the selected model of a training step's output
+    folder; a DataError naming what is missing, or how to convert the pickled best.pt of an earlier qfm."""
+    ref = Path(model_ref)
+    if ref.is_file():
+        return ref
+    if not ref.exists():
+        raise DataError(f"no trained model at {ref}: it does not exist; pass a trained model folder (holding "
+                        f"{BEST}) or the checkpoint file")
+    path = ref / BEST
+    if not path.is_file():
+        legacy = path.with_suffix(LEGACY_SUFFIX)
+        if legacy.is_file():
+            raise DataError(legacy_message(legacy))
+        raise DataError(f"no trained model at {path}: run the training step that writes {ref} first")
+    return path
+
+
 def encode_state(state: dict[str, Any]) -> bytes:
     """A checkpoint's bytes: the state's tensors and arrays as safetensors, the rest as JSON in the header."""
     tensors: dict[str, torch.Tensor] = {}
