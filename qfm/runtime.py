@@ -94,12 +94,3 @@ def set_threads(threads: int, *, name: str = "run.threads") -> int:
     if threads:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
-
-
-def setup(run) -> torch.device:
-    """A step's start: its device (run.device) and torch's threads (run.threads) for this process; under
-    torchrun, the rank's process group and its own GPU (qfm.train.distributed.join)."""
-    from qfm.train.distributed import join
-
-    set_threads(run.threads)
-    return join(resolve_device(run.device))

@@ -17,9 +17,9 @@ from qfm.config import BankParams, RunParams
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset
 from qfm.errors import ConfigError
 from qfm.models import create_model
-from qfm.runtime import loader_workers, setup
+from qfm.runtime import loader_workers
 from qfm.snm.bank import index_and_mine
-from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, training_manifest, write_json
+from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, setup, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import tracked
 from qfm.train.checkpoint import model_path

@@ -1,15 +1,19 @@
-"""Small helpers the step functions share: reading inputs, writing summaries."""
+"""Small helpers the step functions share: a step's start, reading inputs, writing summaries."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from qfm.data.manifest import Manifest, read_manifest
 from qfm.data.splits import part_mask
 from qfm.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_COLUMN = "_train"
 
@@ -19,6 +23,16 @@ def manifest_for_split(manifest_dir: str | Path, split: str) -> Manifest:
     manifest = read_manifest(manifest_dir)
     part_mask(manifest.frame, split, "train")
     return manifest
+
+
+def setup(run) -> torch.device:
+    """A step's start: its device (run.device) and torch's threads (run.threads) for this process; under
+    torchrun, the rank's process group and its own GPU (qfm.train.distributed.join)."""
+    from qfm.runtime import resolve_device, set_threads
+    from qfm.train.distributed import join
+
+    set_threads(run.threads)
+    return join(resolve_device(run.device))
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -10,8 +10,8 @@ from qfm.config import RunParams
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
 from qfm.eval.metrics import compute_metrics
 from qfm.eval.report import scatter_plot, write_metrics_json
-from qfm.runtime import loader_workers, setup
-from qfm.steps.common import manifest_for_split
+from qfm.runtime import loader_workers
+from qfm.steps.common import manifest_for_split, setup
 from qfm.tracking import tracked
 from qfm.train.checkpoint import model_path
 from qfm.train.engine import predict

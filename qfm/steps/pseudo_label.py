@@ -27,8 +27,8 @@ from qfm.data.manifest import Manifest
 from qfm.data.torch_dataset import CropConfig, ImageListDataset
 from qfm.errors import ConfigError, DataError
 from qfm.inference import recording_errors
-from qfm.runtime import loader_workers, setup
-from qfm.steps.common import manifest_for_split, write_json
+from qfm.runtime import loader_workers
+from qfm.steps.common import manifest_for_split, setup, write_json
 from qfm.tracking import tracked
 from qfm.train.checkpoint import model_path
 from qfm.train.distributed import from_main, gather_dict, gather_rows, is_main, sharded_loader

@@ -15,9 +15,9 @@ from qfm.data.torch_dataset import ManifestCropDataset
 from qfm.errors import DataError
 from qfm.eval.report import training_curves_plot
 from qfm.losses import LossWeights
-from qfm.runtime import loader_workers, setup
+from qfm.runtime import loader_workers
 from qfm.snm.bank import load_pairs
-from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, training_manifest, write_json
+from qfm.steps.common import TRAIN_COLUMN, manifest_for_split, setup, training_manifest, write_json
 from qfm.steps.pseudo_label import read_pseudo_labels
 from qfm.tracking import TRAINING_OUTPUTS, tracked
 from qfm.train.checkpoint import model_path

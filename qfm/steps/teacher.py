@@ -7,8 +7,7 @@ from pathlib import Path
 from qfm.config import RunParams, TrainParams
 from qfm.data.torch_dataset import ManifestCropDataset
 from qfm.eval.report import training_curves_plot
-from qfm.runtime import setup
-from qfm.steps.common import manifest_for_split, write_json
+from qfm.steps.common import manifest_for_split, setup, write_json
 from qfm.tracking import TRAINING_OUTPUTS, tracked
 from qfm.train.distributed import is_main
 from qfm.train.fit import build_model, crop_config, fit
