@@ -1,4 +1,5 @@
-"""Scoring image files with a loaded model: the deterministic multi-crop test, one row per file, in order.
+"""Scoring image files with a loaded model: the deterministic multi-crop test, one row per file, in order;
+and loading the model for an engine (a torch checkpoint, a registered version or an ONNX export).
 
 `qfm score` (qfm.steps.score) and the MLflow pyfunc model (qfm.registry.pyfunc) both score through here,
 so a served model and the command give the same numbers. A torch model scores through the torch loader;
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from qfm.data.crops import CropConfig, decode, grid_crops, per_image_stats, positive_int
 from qfm.data.images import IMAGE_SUFFIXES, list_images
-from qfm.errors import DataError
+from qfm.errors import ConfigError, DataError
 from qfm.onnx_engine import OnnxRuntimeScorer
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 Predictions = tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]  # index, mean, std, errors by index
+MODEL_URI = "models:/"
+ENGINES = ("torch", "onnxruntime")
 
 
 def collect_images(paths: list[str | Path]) -> list[Path]:
@@ -43,6 +46,41 @@ def collect_images(paths: list[str | Path]) -> list[Path]:
     if not out:
         raise DataError("no images to score: pass image files or folders")
     return out
+
+
+def load_scoring_model(model_ref: str | Path, device: str = "auto") -> tuple[nn.Module, dict]:
+    """(model, checkpoint state) from a model folder, a best.safetensors, or a registered model (models:/NAME@ALIAS,
+    models:/NAME/VERSION; the MLflow tracking URI is $MLFLOW_TRACKING_URI, else the project's default)."""
+    from qfm.runtime import resolve_device
+    from qfm.train.checkpoint import model_path
+    from qfm.train.fit import load_trained_model
+
+    if str(model_ref).startswith(MODEL_URI):
+        from qfm.config import TrackingParams
+        from qfm.registry.versions import checkpoint_from_uri
+        from qfm.tracking import tracking_uri
+
+        with checkpoint_from_uri(str(model_ref), tracking_uri(TrackingParams())) as path:
+            return load_trained_model(path, resolve_device(device))
+    return load_trained_model(model_path(model_ref), resolve_device(device))
+
+
+def load_engine_model(model_ref: str | Path, engine: str = "torch",
+                      device: str = "auto") -> tuple[nn.Module | OnnxRuntimeScorer, dict, str]:
+    """(model, state, device) for an engine: torch loads a checkpoint (see load_scoring_model); onnxruntime a
+    .onnx file from qfm export, or model.onnx in the folder given, and runs on the CPU."""
+    if engine == "torch":
+        return (*load_scoring_model(model_ref, device), device)
+    if engine != "onnxruntime":
+        raise ConfigError(f"unknown engine '{engine}'; known engines: {', '.join(ENGINES)}")
+    if device not in ("auto", "cpu"):
+        raise ConfigError(f"the onnxruntime engine runs on the CPU; drop --device {device} or use --engine torch")
+    if str(model_ref).startswith(MODEL_URI):
+        raise ConfigError("the onnxruntime engine scores an exported .onnx file, not a registered model "
+                          f"({model_ref}); use --engine torch, or export the model with qfm export")
+    from qfm.onnx_engine import load_onnx_model
+
+    return (*load_onnx_model(model_ref), "cpu")
 
 
 def recording_errors(loader, errors: dict[int, str]):

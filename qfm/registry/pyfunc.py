@@ -68,7 +68,7 @@ class QfmScorer(mlflow.pyfunc.PythonModel):
         self.lock = threading.Lock()
 
     def load_context(self, context) -> None:
-        from qfm.steps.score import load_engine_model
+        from qfm.inference import load_engine_model
 
         folder = Path(context.artifacts[ARTIFACT])
         engine = os.environ.get(ENGINE_ENV, "torch")
