@@ -68,6 +68,7 @@ class TrainParams:
     n_crops: int = 4
     crop_size: int = 224
     test_grid: str = "3x3"
+    test_flip: bool = False             # also score each test crop mirrored (validation, test and scoring)
     resize: str | None = None           # e.g. "512x384" for KonIQ/SPAQ, "short_side=384"
     lr: float = 2e-4
     weight_decay: float = 0.05

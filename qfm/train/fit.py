@@ -74,7 +74,8 @@ def build_model(params: TrainParams):
 def crop_config(params: TrainParams, model: nn.Module) -> CropConfig:
     """Crops from params (uint8, normalised by the model), mean/std from the model's own weights config."""
     return CropConfig(crop_size=params.crop_size, n_crops=params.n_crops, test_grid=params.test_grid,
-                      resize=params.resize, mean=model.mean, std=model.std, reduced_decode=True)
+                      resize=params.resize, mean=model.mean, std=model.std, reduced_decode=True,
+                      test_flip=params.test_flip)
 
 
 def check_normalisation(crop: CropConfig | dict, model: nn.Module, what: str) -> None:
