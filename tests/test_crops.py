@@ -54,6 +54,7 @@ CONFIGS = {
     "short side 256, reduced decode": CropConfig(crop_size=160, test_grid=(2, 3), resize="short_side=256",
                                                  reduced_decode=True),
     "float32 config": CropConfig(crop_size=96, test_grid=(2, 2), dtype="float32"),
+    "1x2 and mirrored, 96 px": CropConfig(crop_size=96, test_grid="1x2", test_flip=True),
 }
 
 
@@ -89,6 +90,10 @@ def test_crops_sit_at_the_grid_positions_and_flip_whole_pixels():
         assert np.array_equal(crop, pixels[top:top + size, left:left + size])
     flipped = cut_crops(pixels, [(5, 7, True)], size)[0]
     assert np.array_equal(flipped, pixels[5:5 + size, 7:7 + size][:, ::-1])
+    mirrored = replace(config, test_flip=True)
+    both = grid_crops(Image.fromarray(pixels), mirrored)
+    assert mirrored.n_test_crops == 12 and len(both) == 12
+    assert np.array_equal(both[:6], crops) and np.array_equal(both[6:], crops[:, :, ::-1])
 
 
 def test_decode_names_the_file_and_what_it_is(tmp_path):

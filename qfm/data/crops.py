@@ -92,6 +92,8 @@ class CropConfig:
     mean/std: normalisation on [0, 1] pixel values; ImageNet's by default, or the model's own
       (see from_data_config). Applied in the worker only to float32 crops; training checks that they
       equal the model's (the model's data config is the one source). hflip: random horizontal flips.
+    test_flip: each test-grid crop is also scored mirrored left-right (twice the test crops; the score
+      is the mean over all of them). Off in older records.
     dtype: 'uint8' (default): raw RGB crops in channels-last memory, normalised by the model on its
       device; 'float32': crops normalised here with mean/std, contiguous (the DEIQT-style baseline).
     reduced_decode: with a resize, decode a JPEG at least twice the resized size at a reduced scale
@@ -109,6 +111,7 @@ class CropConfig:
     hflip: bool = True
     dtype: str = "uint8"
     reduced_decode: bool = False
+    test_flip: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -128,6 +131,7 @@ class CropConfig:
         set_(self, "std", std)
         set_(self, "hflip", bool(self.hflip))
         set_(self, "reduced_decode", bool(self.reduced_decode))
+        set_(self, "test_flip", bool(self.test_flip))
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {list(DTYPES)} (uint8: raw crops the model normalises; "
                               f"float32: crops normalised in the loader), got {self.dtype!r}")
@@ -160,7 +164,7 @@ class CropConfig:
 
     @property
     def n_test_crops(self) -> int:
-        return sum(self.grid_rows)
+        return sum(self.grid_rows) * (2 if self.test_flip else 1)
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the resize policy and the scale-up of images smaller than a crop."""
@@ -219,9 +223,11 @@ def cut_crops(pixels: np.ndarray, boxes: Sequence[tuple[int, int, bool]], size: 
 
 
 def grid_boxes(pixels: np.ndarray, config: CropConfig) -> list[tuple[int, int, bool]]:
-    """The (top, left, flip=False) boxes of the fixed test grid on resized pixels."""
+    """The (top, left, flip) boxes of the fixed test grid on resized pixels: flip False, then, with
+    test_flip, each position again mirrored."""
     height, width = pixels.shape[:2]
-    return [(top, left, False) for top, left in config.grid_positions(width, height)]
+    flips = (False, True) if config.test_flip else (False,)
+    return [(top, left, flip) for flip in flips for top, left in config.grid_positions(width, height)]
 
 
 def grid_crops(image: Image.Image, config: CropConfig) -> np.ndarray:

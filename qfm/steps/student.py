@@ -108,7 +108,7 @@ def train_student(manifest_dir: str | Path, out_dir: str | Path, params: Student
     out_dir = Path(out_dir)
     pairs_trained = [int(r.get("n_qcc_pairs", 0)) for r in result.history]
     summary = {"split": run.split, "model": params.model, "weights": model.weights_source,
-               "best_epoch": result.best_epoch, "selected_on": f"val {params.select_metric}", "val": result.best_val,
+               "best_epoch": result.best_epoch, "selected_on": result.selected_on, "val": result.best_val,
                "n_labelled": int((~is_pseudo).sum()), "n_pseudo": int(is_pseudo.sum()),
                "qcc": bool(partners), "rule": rule if partners else None,
                "n_anchors_with_partners": len(partners), "qcc_pairs_per_epoch": pairs_trained,

@@ -27,7 +27,7 @@ def train_teacher(manifest_dir: str | Path, out_dir: str | Path, params: TrainPa
                  progress=progress, on_epoch=on_epoch)
     out_dir = Path(out_dir)
     summary = {"split": run.split, "model": params.model, "weights": model.weights_source,
-               "best_epoch": result.best_epoch, "selected_on": f"val {params.select_metric}",
+               "best_epoch": result.best_epoch, "selected_on": result.selected_on,
                "val": result.best_val, "n_train": len(train_set), "n_val": len(val_set),
                "seconds": round(result.seconds, 1)}
     if is_main():  # under torchrun rank 0 writes; the other ranks return the same summary

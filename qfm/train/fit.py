@@ -3,6 +3,7 @@ each epoch (model, optimiser, scheduler, RNG states, epoch, history) and exact r
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -51,6 +52,9 @@ from qfm.train.engine import COUNT_PREFIX, StepFn, make_optimizer, make_schedule
 from qfm.train.sampler import ShuffledBatches
 
 HISTORY = "history.json"
+#: How the saved model is chosen (params.select): the epoch best on validation, the last epoch, or the mean
+#: of the weights of the last params.average_epochs epochs (validated once, after the last epoch).
+SELECTIONS = ("best", "last", "average")
 #: Parameters that change how a run executes but not what it computes: a resume may differ in them.
 EXECUTION_ONLY = ("workers",)
 
@@ -62,6 +66,7 @@ class FitResult:
     history: list[dict]
     model_path: Path
     seconds: float
+    selected_on: str = "val srcc"
 
 
 def build_model(params: TrainParams):
@@ -74,7 +79,8 @@ def build_model(params: TrainParams):
 def crop_config(params: TrainParams, model: nn.Module) -> CropConfig:
     """Crops from params (uint8, normalised by the model), mean/std from the model's own weights config."""
     return CropConfig(crop_size=params.crop_size, n_crops=params.n_crops, test_grid=params.test_grid,
-                      resize=params.resize, mean=model.mean, std=model.std, reduced_decode=True)
+                      resize=params.resize, mean=model.mean, std=model.std, reduced_decode=True,
+                      test_flip=params.test_flip)
 
 
 def check_normalisation(crop: CropConfig | dict, model: nn.Module, what: str) -> None:
@@ -100,6 +106,43 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     model.load_state_dict(state["model"])
     check_normalisation(state["crop"], model, f"checkpoint {path}")
     return model.to(device).to(memory_format=torch.channels_last).eval(), state
+
+
+def check_selection(params: TrainParams) -> None:
+    """params.select and params.average_epochs name a selection this loop can make."""
+    if params.select not in SELECTIONS:
+        raise ConfigError(f"select must be one of {list(SELECTIONS)}, got {params.select!r}")
+    if params.select == "average" and not 1 <= params.average_epochs <= params.epochs:
+        raise ConfigError(f"average_epochs must be between 1 and epochs ({params.epochs}) with select: average, "
+                          f"got {params.average_epochs}")
+
+
+def selection_rule(params: TrainParams) -> str:
+    """How a run's saved model was chosen, in words (recorded beside its figures)."""
+    if params.select == "last":
+        return f"the last epoch ({params.epochs - 1}), fixed in advance"
+    if params.select == "average":
+        first = params.epochs - params.average_epochs
+        return f"the mean weights of epochs {first}-{params.epochs - 1}, fixed in advance"
+    return f"val {params.select_metric}"
+
+
+def _add_weights(total: dict | None, model: nn.Module) -> dict:
+    """The running sum of the model's float tensors (integer buffers such as BatchNorm's step count: the latest)."""
+    state = model.state_dict()
+    if total is None:
+        return {k: v.detach().double().clone() if v.is_floating_point() else v.clone() for k, v in state.items()}
+    for key, value in state.items():
+        if value.is_floating_point():
+            total[key] += value.detach().double()
+        else:
+            total[key] = value.clone()
+    return total
+
+
+def _mean_weights(total: dict, count: int, like: nn.Module) -> dict:
+    state = like.state_dict()
+    return {k: (v / count).to(state[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
 
 
 def _model_state(model: nn.Module, crop: CropConfig, epoch: int, val: dict, params: TrainParams) -> dict:
@@ -165,6 +208,7 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
     trains on its share under DDP, validation is gathered from every rank, and only rank 0 writes."""
     started = time.perf_counter()
     check_metric(params.select_metric, "select_metric")
+    check_selection(params)
     out_dir = Path(out_dir)
     here = ranks()
     if here.main:
@@ -190,6 +234,7 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
     history: list[dict] = []
     best = {"epoch": -1, "value": None, "val": {}}
     start_epoch = 0
+    averaged: dict | None = None  # select: average: the running sum of the averaged epochs' weights
     last_path = out_dir / LAST
     identity = run_identity(params, train_set, val_set, inputs)
     if resume and from_main(last_path.exists()):  # every rank resumes from rank 0's checkpoint
@@ -201,6 +246,7 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+        averaged = state.get("averaged")
     step = data_parallel_step(model, step_fn, device)
     val_mos = val_set.mos
     for epoch in range(start_epoch, params.epochs):
@@ -218,16 +264,31 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
         record = {"epoch": epoch, **train_log, **val_log, "lr": scheduler.get_last_lr()[0],
                   "seconds": time.perf_counter() - epoch_started}
         history.append(record)
-        improved = _is_finite(value) and (best["value"] is None or gain(params.select_metric, value, best["value"]) > 0)
+        chosen = model
+        if params.select == "best":
+            improved = _is_finite(value) and (best["value"] is None
+                                              or gain(params.select_metric, value, best["value"]) > 0)
+        else:
+            improved = epoch == params.epochs - 1
+            if params.select == "average" and epoch >= params.epochs - params.average_epochs:
+                averaged = _add_weights(averaged, model)
+            if improved and params.select == "average":
+                chosen = copy.deepcopy(model)
+                chosen.load_state_dict(_mean_weights(averaged, params.average_epochs, model))
+                val, _ = validation_metrics(chosen, val_loader, val_mos, device, params.amp, progress and here.main)
+                value = val.get(params.select_metric)
+                record["averaged_val"] = {k: v for k, v in val.items() if _is_number(v) or k == "error"}
+            improved = improved and _is_finite(value)
         if improved:
             best = {"epoch": epoch, "value": value, "val": val}
         if not here.main:  # only rank 0 writes; every rank holds the same model, history and choice
             continue
         if improved:
-            save_checkpoint(_model_state(model, train_set.config, epoch, val, params), out_dir / BEST)
+            save_checkpoint(_model_state(chosen, train_set.config, epoch, val, params), out_dir / BEST)
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
-                         "history": history, "best": best, "identity": identity}, last_path)
+                         "history": history, "best": best, "identity": identity,
+                         **({"averaged": averaged} if averaged is not None else {})}, last_path)
         (out_dir / HISTORY).write_text(json.dumps(history, indent=2) + "\n")
         if on_epoch is not None:
             on_epoch(record)
@@ -237,7 +298,7 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
                         "choose another select_metric (srcc is always defined for varied predictions) or check "
                         "the validation part")
     return FitResult(best_epoch=best["epoch"], best_val=best["val"], history=history, model_path=out_dir / BEST,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, selected_on=selection_rule(params))
 
 
 def _pause_after_step(global_step: int) -> None:
