@@ -165,8 +165,8 @@ BAD_REQUESTS = {  # name -> (request body, what the 400's message must say)
                                  "is not an image this server can read; send the path of a JPEG"),
     "missing path inside the folder": (lambda images: {"dataframe_records": [{"path": "no-such.png"}]},
                                        "row 0: path 'no-such.png' is not an image this server can read"),
-    "a GIF": (lambda images: records(gif(images[0])), "row 0: not an image file of an accepted format (JPEG, PNG, "
-                                                      "BMP, TIFF or WebP)"),
+    "a GIF": (lambda images: records(gif(images[0])), ("row 0: not an image file of an accepted format (JPEG, PNG, "
+                                                      "BMP, TIFF or WebP)")),
     "over the row cap": (lambda images: records(*[images[0].read_bytes()] * 33),
                          "the request has 33 rows; this server takes at most 32 per request (QFM_SERVE_MAX_ROWS)"),
     "one bad row among good ones": (lambda images: records(images[0].read_bytes(), b"junk"),
@@ -220,8 +220,8 @@ def test_served_onnx_engine_needs_no_torch(champion_store, tiny_demo, tmp_path_f
     scorer = re.search(r"Started server process \[(\d+)\]", log.read_text())
     assert scorer and scorer[1] in started.read_text().split()  # the process that scored blocked torch
     rows = body["predictions"]
-    assert [r["error"] for r in rows] == [None] * 4 + ["row 4: not an image file of an accepted format (JPEG, PNG, "
-                                                       "BMP, TIFF or WebP)"]
+    assert [r["error"] for r in rows] == [None] * 4 + [("row 4: not an image file of an accepted format (JPEG, PNG, "
+                                                       "BMP, TIFF or WebP)")]
     diff = abs(expected - [r["score"] for r in rows[:4]]).max()
     print(f"max |torch engine - served onnxruntime without torch| over {len(images)} images: {diff:.2e}")
     assert diff <= 1e-4
@@ -319,12 +319,12 @@ def test_a_missing_path_and_a_file_that_is_not_an_image_get_the_same_answer(fake
 
 
 @pytest.mark.parametrize("variable, value, rows, expected", [
-    ("QFM_SERVE_MAX_ROWS", "2", 3, "the request has 3 rows; this server takes at most 2 per request "
-                                   "(QFM_SERVE_MAX_ROWS)"),
-    ("QFM_SERVE_MAX_BYTES", "1000", 2, "bytes of image files; this server takes at most 1000 per request "
-                                       "(QFM_SERVE_MAX_BYTES)"),
-    ("QFM_SERVE_MAX_PIXELS", "2000", 2, "the request has 2400 pixels (width x height, summed over the images); this "
-                                        "server takes at most 2000 per request (QFM_SERVE_MAX_PIXELS)"),
+    ("QFM_SERVE_MAX_ROWS", "2", 3, ("the request has 3 rows; this server takes at most 2 per request "
+                                   "(QFM_SERVE_MAX_ROWS)")),
+    ("QFM_SERVE_MAX_BYTES", "1000", 2, ("bytes of image files; this server takes at most 1000 per request "
+                                       "(QFM_SERVE_MAX_BYTES)")),
+    ("QFM_SERVE_MAX_PIXELS", "2000", 2, ("the request has 2400 pixels (width x height, summed over the images); this "
+                                        "server takes at most 2000 per request (QFM_SERVE_MAX_PIXELS)")),
 ])
 def test_a_request_over_a_cap_is_refused_whole_before_anything_is_decoded(fake_scoring, tmp_path, monkeypatch,
                                                                           variable, value, rows, expected):
