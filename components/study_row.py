@@ -11,7 +11,8 @@ def study_row(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[Art
     """Train `row`'s model on `split`, reusing the split's shared units as they are, and test it. `result`
     holds row.json (the row's units, validation and test figures, or its error) and predictions.csv (the
     student's weights are not kept: the study compares settings, qfm-iqm makes the model to deploy); the
-    figures are logged as metrics. A row that fails is recorded, not fatal, as in `qfm study`."""
+    figures are logged as metrics. A row that fails is recorded, not fatal, as in `qfm study` (a row whose
+    shared units failed in study-units gets that error, without a second try)."""
     import json
     import shutil
     import tempfile
@@ -20,7 +21,7 @@ def study_row(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[Art
     from qfm.config import load_params
     from qfm.errors import ConfigError
     from qfm.runtime import resolve_device
-    from qfm.steps.study import read_rows, run_row_safely
+    from qfm.steps.study import UNIT_FAILURES, read_rows, run_row_safely
     from qfm.steps.units import MARKER, UnitStore
 
     folder = Path(plan.path)
@@ -33,13 +34,19 @@ def study_row(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[Art
     context = json.loads((folder / "plan.json").read_text())["context"] | {"device": device}
     out = Path(result.path)
     out.mkdir(parents=True, exist_ok=True)
+    failures = Path(units.path) / UNIT_FAILURES
+    unit_error = json.loads(failures.read_text()).get(row) if failures.is_file() else None
     with tempfile.TemporaryDirectory(prefix="qfm-units-") as work:  # the row's own units; only its results are kept
         for unit in Path(units.path).iterdir():  # the split's finished units, read in place
             if (unit / MARKER).is_file():
                 (Path(work) / unit.name).symlink_to(unit.resolve(), target_is_directory=True)
-        with UnitStore(work, context) as store:
-            outcome = run_row_safely(store, local_manifest(manifest.path, dataset.path), str(params_file), [],
-                                     chosen[0], split, progress=True)
+        if unit_error is not None:  # study-units could not make this row's shared units: the same error, not a rerun
+            outcome = {"error": unit_error}
+            print(f"{split:>9}  {row:<16}  FAILED in study-units: {unit_error.splitlines()[0]}", flush=True)
+        else:
+            with UnitStore(work, context) as store:
+                outcome = run_row_safely(store, local_manifest(manifest.path, dataset.path), str(params_file), [],
+                                         chosen[0], split, progress=True)
         if "predictions" in outcome:
             shutil.copyfile(outcome["predictions"], out / "predictions.csv")
             outcome["predictions"] = "predictions.csv"

@@ -192,7 +192,22 @@ def follow_trainjob(client, name: str, nodes: int, poll_s: int = 10, start_timeo
             tails.append(f"--- node-{node}, last lines ---\n" + "\n".join(lines[-20:]))
     raise RuntimeError(f"TrainJob {backend.namespace}/{name} failed ({'; '.join(reasons) or 'no reason given'})"
                        + ("\n" + "\n".join(tails) if tails else "") +
-                       f"\n(kubectl -n {backend.namespace} describe trainjob {name} shows its events)")
+                       f"\n(the step deletes the TrainJob as it fails, to free its GPUs; `kubectl -n "
+                       f"{backend.namespace} get events` lists what happened to its pods)")
+
+
+def delete_trainjob(client, name: str) -> None:
+    """Delete a TrainJob that did not succeed (its pods, their GPUs, its writes to the step's output), saying
+    so; a failure to delete is printed with the command that does it by hand, never raised over the step's
+    own error."""
+    namespace = getattr(client.backend, "namespace", "NAMESPACE")
+    try:
+        client.delete_job(name)
+    except Exception as exc:  # noqa: BLE001 (the step's own error is the one to raise)
+        print(f"could not delete TrainJob {namespace}/{name} ({exc}); if it exists, delete it: kubectl -n "
+              f"{namespace} delete trainjob {name}", flush=True)
+        return
+    print(f"deleted TrainJob {namespace}/{name}: the step did not succeed", flush=True)
 
 
 def train_on_trainjob(step: str, sections: dict, *, manifest, dataset, inputs: dict, model, image: str, nodes: int,
@@ -231,22 +246,22 @@ def train_on_trainjob(step: str, sections: dict, *, manifest, dataset, inputs: d
         raise RuntimeError("cannot read the Kubeflow Trainer runtime 'torch-distributed': install Kubeflow Trainer "
                            "with its default runtimes, and let this pipeline's service account get "
                            f"clustertrainingruntimes ({exc})") from exc
-    client.train(runtime=runtime, trainer=trainer, options=options)
-    print(f"created TrainJob {client.backend.namespace}/{name}: {nodes} node(s) x {gpus_per_node} {accelerator_type}, "
-          f"image {image}; output {plan['out']}", flush=True)
 
     def stopped(signum, frame):  # KFP stops a step with SIGTERM
         raise KeyboardInterrupt("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, stopped)
+    succeeded = False
     try:
+        client.train(runtime=runtime, trainer=trainer, options=options)
+        print(f"created TrainJob {client.backend.namespace}/{name}: {nodes} node(s) x {gpus_per_node} "
+              f"{accelerator_type}, image {image}; output {plan['out']}", flush=True)
         follow_trainjob(client, name, nodes, poll_s=poll_s)
-    except (KeyboardInterrupt, SystemExit):  # the run was stopped: free the TrainJob's GPUs
-        client.delete_job(name)
-        print(f"deleted TrainJob {name}: the step was stopped", flush=True)
-        raise
-    finally:
+        succeeded = True
+    finally:  # stopped, failed, or an API or log-stream error: free the TrainJob's GPUs and its output
         signal.signal(signal.SIGTERM, previous)
+        if not succeeded:
+            delete_trainjob(client, name)
     report = download_prefix(plan["out"], model.path, make_client())
     print(f"fetched {report.summary()}", flush=True)
     return json.loads((Path(model.path) / "summary.json").read_text())

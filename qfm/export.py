@@ -31,6 +31,7 @@ from qfm.train.fit import load_trained_model
 FORMATS = ("onnx", "torchscript")
 TORCHSCRIPT_METADATA = "qfm.json"  # the TorchScript extra file holding the metadata
 OPSET = 17
+VAL_SPLIT_KEY = "qfm.val_split"  # the split the model was chosen on (JSON: name, val_ids_sha256)
 SCORE_SCALE = "0-1, higher is better (the training scores mapped to [0, 1] by qfm ingest)"
 
 
@@ -69,7 +70,21 @@ def export_metadata(checkpoint: Path, state: dict) -> dict[str, str]:
         "qfm.train_data_version": identity.get("train", "unknown"),
         "qfm.val_data_version": identity.get("val", "unknown"),
         "qfm.checkpoint_sha256": sidecar.read_text().strip() if sidecar.is_file() else "unknown",
+        VAL_SPLIT_KEY: json.dumps(recorded_split(checkpoint, state)),
     }
+
+
+def recorded_split(checkpoint: Path, state: dict) -> dict:
+    """The split the model was chosen on: {"name", "val_ids_sha256"} as training recorded it in the checkpoint;
+    for a checkpoint of an older qfm, only the name from the summary.json beside it ({} when there is none)."""
+    if state.get("val_split"):
+        return dict(state["val_split"])
+    summary = checkpoint.with_name("summary.json")
+    try:
+        name = json.loads(summary.read_text()).get("split") if summary.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return {"name": name} if isinstance(name, str) else {}
 
 
 def _run_identity(last: Path) -> dict:

@@ -5,7 +5,9 @@ Calibration feeds the test-grid crops of up to `n_calibration` images of the spl
 (a fixed random sample) to onnxruntime's `quantize_static` (QDQ format, per-channel int8 weights, uint8
 activations; reduce_range keeps the 8-bit products inside 16 bits on CPUs without VNNI). The gate then
 scores the split's *validation* part with the fp32 and the int8 model (the same crops) and refuses the
-int8 file when its SRCC is more than `max_loss` below the fp32 one: the test part is never looked at.
+int8 file when its SRCC is more than `max_loss` below the fp32 one: the test part is never looked at. The
+split must be the one the model was chosen on (check_split: the digest of its validation image ids, recorded
+at training), or the gate would judge on images the model's selection never saw, or on its training images.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from qfm.data.manifest import read_manifest
-from qfm.data.splits import part_mask
+from qfm.data.splits import part_digest, part_mask
 from qfm.data.torch_dataset import CropConfig, ImageListDataset
-from qfm.errors import DataError
+from qfm.errors import ConfigError, DataError
 from qfm.eval.metrics import srcc
-from qfm.export import CROP_KEY, INPUT_NAME
+from qfm.export import CROP_KEY, INPUT_NAME, VAL_SPLIT_KEY
 
 MAX_SRCC_LOSS = 0.005
 INT8_KEY = "qfm.int8"  # metadata of the int8 file: the calibration and the gate's figures (JSON)
@@ -51,6 +53,31 @@ def split_paths(manifest_dir: str | Path, split: str, part: str) -> tuple[list[P
     if rows.empty:
         raise DataError(f"split '{split}' of manifest {manifest_dir} has no {part} images")
     return [manifest.image_path(p) for p in rows["path"]], rows["mos"].to_numpy(dtype=float)
+
+
+def check_split(recorded: dict, manifest_dir: str | Path, split: str) -> None:
+    """Refuse a gate on another validation part than the model was chosen on: recorded (the export's
+    qfm.val_split) holds the digest of the model's validation image ids, which must equal that of `split`'s
+    validation part in this manifest; a model of an older qfm records only its split's name, which must then
+    be `split` (the images cannot be checked); a model that records neither is refused."""
+    frame = read_manifest(manifest_dir).frame
+    digest = part_digest(frame, split, "val")
+    name, expected = recorded.get("name"), recorded.get("val_ids_sha256")
+    if expected is not None:
+        if digest != expected:
+            raise ConfigError(
+                f"--split {split} of manifest {manifest_dir}: its validation images (digest {digest[:12]}) are not "
+                f"the ones the model was chosen on (split {name}, digest {expected[:12]}), so the int8 gate would "
+                f"judge on other images; pass --split {name} and the manifest the model was trained with")
+        return
+    if name is None:
+        raise ConfigError("the model records neither its split nor its validation images (trained by an older qfm, "
+                          "with no summary.json beside its checkpoint), so the int8 gate cannot check that "
+                          f"--split {split} is the part it was chosen on; retrain it with this qfm, or put the "
+                          "training summary.json beside its best.safetensors")
+    if name != split:
+        raise ConfigError(f"--split {split} is not the split the model was trained on ({name}; it records no digest "
+                          f"of its validation images, trained by an older qfm): pass --split {name}")
 
 
 class _Calibration:
@@ -110,6 +137,7 @@ def quantize_int8(fp32_file: str | Path, out: str | Path, manifest_dir: str | Pa
 
     fp32_file, out = Path(fp32_file), Path(out)
     props = _metadata(fp32_file)
+    check_split(json.loads(dict(props).get(VAL_SPLIT_KEY, "{}")), manifest_dir, split)
     crop = CropConfig(**json.loads(dict(props)[CROP_KEY]))
     calibration = calibration_images(manifest_dir, split, crop, n_calibration, seed)
     with tempfile.TemporaryDirectory(prefix="qfm-int8-") as tmp:

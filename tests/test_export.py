@@ -161,3 +161,51 @@ def test_int8_needs_onnx_and_a_calibration_manifest(student, tmp_path, capsys):
     assert main(["export", "--model", str(student), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                  "--int8"]) == 2
     assert "--int8 needs --format onnx and --calibrate MANIFEST" in capsys.readouterr().err
+
+
+def test_export_records_the_split_the_model_was_chosen_on(student, tiny_demo):
+    """Training records its split's name and the digest of its validation image ids; the export carries them."""
+    from qfm.data.manifest import read_manifest
+    from qfm.data.splits import part_digest
+
+    frame = read_manifest(tiny_demo).frame
+    recorded = json.loads({p.key: p.value for p in onnx.load(str(student / "model.onnx")).metadata_props}
+                          ["qfm.val_split"])
+    assert recorded == {"name": "split_0", "val_ids_sha256": part_digest(frame, "split_0", "val")}
+    assert recorded["val_ids_sha256"] != part_digest(frame, "split_1", "val")
+
+
+def test_int8_gate_on_another_validation_part_is_refused(student, tiny_demo, tmp_path, capsys):
+    """--split split_1, or split_0 of a manifest whose split_0 validation part differs (one image moved to
+    train): the gate would judge on other images than the model was chosen on, so nothing is quantised."""
+    from qfm.data.manifest import read_manifest, write_manifest
+
+    out = tmp_path / "int8.onnx"
+    base = ["export", "--model", str(student), "--format", "onnx", "--out", str(out), "--int8",
+            "--calibration-images", "8"]
+    assert main(base + ["--calibrate", str(tiny_demo), "--split", "split_1"]) == 2
+    err = capsys.readouterr().err
+    assert f"--split split_1 of manifest {tiny_demo}: its validation images (digest " in err
+    assert "are not the ones the model was chosen on (split split_0, digest " in err and "pass --split split_0" in err
+    manifest = read_manifest(tiny_demo)
+    moved = manifest.frame.index[manifest.frame["split_0"] == "val"][0]
+    manifest.frame.loc[moved, "split_0"] = "train"
+    write_manifest(manifest, tmp_path / "other")
+    assert main(base + ["--calibrate", str(tmp_path / "other"), "--split", "split_0"]) == 2
+    assert "--split split_0 of manifest" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_model_of_an_older_qfm_is_gated_on_its_split_name_only(student, tiny_demo):
+    """No digest recorded: the split's name from summary.json beside the checkpoint must match; with neither,
+    the gate refuses (it cannot check)."""
+    from qfm.errors import ConfigError
+    from qfm.export import recorded_split
+    from qfm.quantize import check_split
+
+    assert recorded_split(student / "best.safetensors", {}) == {"name": "split_0"}  # from summary.json
+    check_split({"name": "split_0"}, tiny_demo, "split_0")
+    with pytest.raises(ConfigError, match=r"--split split_1 is not the split the model was trained on \(split_0; it "
+                                          r"records no digest.*pass --split split_0"):
+        check_split({"name": "split_0"}, tiny_demo, "split_1")
+    with pytest.raises(ConfigError, match="records neither its split nor its validation images"):
+        check_split({}, tiny_demo, "split_0")

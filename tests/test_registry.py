@@ -239,13 +239,19 @@ def test_registered_model_has_signature_and_input_example(promotions, client):
     assert (local / "artifacts" / "checkpoint" / "model.onnx").is_file()
 
 
-def test_champion_loads_and_scores_paths_and_bytes_like_qfm_score(promotions, trained, client, tiny_demo):
+def test_champion_loads_and_scores_paths_and_bytes_like_qfm_score(promotions, trained, client, tiny_demo,
+                                                                  monkeypatch):
+    """In a Python session as behind a server: `path` rows are read only inside QFM_SERVE_ROOT."""
     import mlflow
 
     from qfm.steps.score import score_images
 
     images = sorted((tiny_demo.parent / "demo" / "images").glob("*.png"))[:3]
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    monkeypatch.delenv("QFM_SERVE_ROOT", raising=False)
+    with pytest.raises(Exception, match="row 0: this model reads no image files: QFM_SERVE_ROOT is not set"):
+        model.predict(pd.DataFrame({"path": [str(images[0])]}))
+    monkeypatch.setenv("QFM_SERVE_ROOT", str(images[0].parent))
     by_path = model.predict(pd.DataFrame({"path": [str(p) for p in images] + ["missing.png"]}),
                             params={"on_error": "report"})
     by_bytes = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))

@@ -359,3 +359,41 @@ def test_submit_study_sends_the_study_pipeline(monkeypatch):
     assert sent["spec"]["pipelineInfo"]["name"] == "qfm-study"
     assert set(sent["arguments"]) <= set(sent["spec"]["root"]["inputDefinitions"]["parameters"])
     assert sent["options"]["run_name"] == "study-1" and sent["options"]["pipeline_root"] == "s3://runs/qfm"
+
+
+def test_a_row_whose_shared_units_fail_is_recorded_and_reported_not_fatal(tiny_demo, tmp_path):
+    """study-units on one split with a row whose teacher cannot be built (first, so it fails before anything
+    trains): the step goes on and makes the other row's units; that row's study-row records the units' error
+    without a second try; the report lists it, compares the rest, and does not fail with "no results"."""
+    rows = {"reference": "plain",
+            "rows": {"broken": {**PLAIN, "train_teacher.model": "no_such_model"}, "plain": PLAIN}}
+    assert _plan(tiny_demo, tmp_path, json.dumps(rows), ["split_0"]) == ["split_0"]
+    plan = Artifact(name="plan", uri=str(tmp_path / "plan"))
+    manifest, dataset = Dataset(name="manifest", uri=str(tiny_demo)), Dataset(name="dataset", uri=str(
+        tiny_demo.parent / "demo"))
+    units = out(Artifact, tmp_path / "units")
+    items = qc.study_units.python_func(manifest=manifest, dataset=dataset, plan=plan, split="split_0", units=units)
+    assert items == [{"split": "split_0", "row": "broken"}, {"split": "split_0", "row": "plain"}]
+    failures = json.loads((tmp_path / "units" / "failed_rows.json").read_text())
+    assert list(failures) == ["broken"] and "unknown model 'no_such_model'" in failures["broken"]
+    assert units.metadata["failed_rows"] == 1 and units.metadata["units"] == 1  # the plain row's teacher
+
+    results = []
+    for row in ("broken", "plain"):
+        results.append(out(Dataset, tmp_path / row))
+        qc.study_row.python_func(manifest=manifest, dataset=dataset, plan=plan, units=units, split="split_0",
+                                 row=row, result=results[-1], metrics=out(Metrics, tmp_path / f"{row}-metrics"))
+    recorded = json.loads((tmp_path / "broken" / "row.json").read_text())["result"]
+    assert recorded == {"error": failures["broken"]} and results[0].metadata["failed"] is True
+    assert "test" in json.loads((tmp_path / "plain" / "row.json").read_text())["result"]
+    gathered = out(Dataset, tmp_path / "split_0")
+    qc.study_gather.python_func(split="split_0", results=results, split_results=gathered)
+    failed = qc.study_report.python_func(plan=plan, splits=[gathered], study=out(Dataset, tmp_path / "study"),
+                                         report=out(Markdown, tmp_path / "report.md"),
+                                         plot=out(HTML, tmp_path / "plot.html"),
+                                         metrics=out(Metrics, tmp_path / "metrics"))
+    markdown = (tmp_path / "report.md").read_text()
+    assert failed == 1 and "## Failed" in markdown and "- `broken` on split_0: " in markdown
+    assert "unknown model 'no_such_model'" in markdown
+    saved = {r["row"]: r for r in json.loads((tmp_path / "study" / "study.json").read_text())["rows"]}
+    assert saved["plain"]["splits_done"] == ["split_0"] and saved["broken"]["splits_done"] == []

@@ -341,6 +341,43 @@ def test_the_component_sends_a_torch_distributed_trainjob_of_nodes_x_gpus(cluste
     assert container["env"] == trainjob.secret_env("qfm-s3", "qfm-mlflow")
 
 
+def _teacher_on_trainjob(published: dict, tmp_path: Path) -> dict:
+    sections = {k: v for k, v in load_params(None, overrides=TINY).items() if k in ("train_teacher", "run", "tracking")}
+    return trainjob.train_on_trainjob(
+        "train-teacher", sections, manifest=_artifact(Dataset, published["manifest"], tmp_path / "m"),
+        dataset=_artifact(Dataset, published["dataset"], tmp_path / "d"), inputs={},
+        model=_artifact(Model, "s3://kfp/run/train-teacher/model", tmp_path / "model"), image="qfm:test", nodes=1,
+        gpus_per_node=1, accelerator_type="nvidia.com/gpu", node_selector={}, tolerations=[], s3_secret="qfm-s3",
+        mlflow_secret="qfm-mlflow", poll_s=1)
+
+
+def test_an_api_or_log_stream_error_deletes_the_trainjob_and_a_success_keeps_it(cluster, published, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """Not only a stopped step: any error while the step follows its TrainJob (here the Kubernetes API failing
+    mid-stream) deletes the job, so that it holds no GPUs and writes nothing more; the step's own error is
+    raised. A TrainJob that completed is kept."""
+    from kubernetes.client.exceptions import ApiException
+
+    from qfm.storage.s3 import make_client
+
+    cluster.run_nodes = False  # the API calls only
+
+    def stream_breaks(client, name, nodes, poll_s=10):
+        raise ApiException(status=500, reason="log stream broke")
+
+    monkeypatch.setattr(trainjob, "follow_trainjob", stream_breaks)
+    with pytest.raises(ApiException, match="log stream broke"):
+        _teacher_on_trainjob(published, tmp_path)
+    name = cluster.created[0]["metadata"]["name"]
+    assert cluster.deleted == [name]
+    assert f"deleted TrainJob {NAMESPACE}/{name}: the step did not succeed" in capsys.readouterr().out
+
+    monkeypatch.setattr(trainjob, "follow_trainjob", lambda client, name, nodes, poll_s=10: None)  # it completed
+    make_client().put_object(Bucket="kfp", Key="run/train-teacher/model/summary.json", Body=b'{"best_epoch": 0}')
+    assert _teacher_on_trainjob(published, tmp_path / "ok") == {"best_epoch": 0}
+    assert len(cluster.created) == 2 and cluster.deleted == [name]  # the completed one is kept
+
+
 def test_a_launcher_pod_holding_a_gpu_is_refused_before_anything_is_created(cluster, tmp_path):
     s = _json_sections()
     some = _artifact(Dataset, "s3://kfp/x", tmp_path / "x")
@@ -391,5 +428,5 @@ def test_a_failed_trainjob_fails_the_step_with_its_message_and_the_nodes_log(clu
     name = cluster.created[0]["metadata"]["name"]
     assert message.startswith(f"TrainJob {NAMESPACE}/{name} failed (JobSetFailed: jobset failed: node-0 exited")
     assert "--- node-0, last lines ---" in message and "nothing-here" in message  # qfm's own error, from the log
-    assert f"kubectl -n {NAMESPACE} describe trainjob {name}" in message
-    assert not (tmp_path / "model").exists()
+    assert f"the step deletes the TrainJob as it fails, to free its GPUs; `kubectl -n {NAMESPACE} get events`" in message
+    assert cluster.deleted == [name] and not (tmp_path / "model").exists()

@@ -1,13 +1,45 @@
-"""Image decoding and checks shared by ingestion, validation and the torch dataset."""
+"""Image decoding and checks shared by ingestion, validation, scoring and serving.
+
+Every image is opened through `open_image`: only the formats the model is meant for (JPEG, PNG, BMP, TIFF,
+WebP) are tried, so no other PIL plugin ever parses a file's bytes, and an image over the decompression-bomb
+guard (PIL's `Image.MAX_IMAGE_PIXELS`, about 89 megapixels) is refused from its header, before decoding."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # PIL's names of the formats an image may have
+ALLOWED_NAMES = "JPEG, PNG, BMP, TIFF or WebP"
+
+
+class UnsupportedImage(UnidentifiedImageError):
+    """A file that is not an image of an allowed format (an OSError, as PIL's own UnidentifiedImageError)."""
+
+
+def decode_limit() -> int:
+    """The largest image (width x height) decoded: PIL's decompression-bomb limit."""
+    return int(Image.MAX_IMAGE_PIXELS or 0) or 89_478_485
+
+
+def open_image(path: str | Path | BinaryIO) -> Image.Image:
+    """Image.open, lazily (the header only), of an image in ALLOWED_FORMATS; raises UnsupportedImage naming
+    the file and the allowed formats for any other file, and Image.DecompressionBombError for an image over
+    decode_limit() pixels (PIL itself only warns below twice its limit)."""
+    try:
+        img = Image.open(path, formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedImage(f"{path} is not an image of an accepted format ({ALLOWED_NAMES})") from None
+    width, height = img.size
+    if width * height > decode_limit():
+        img.close()
+        raise Image.DecompressionBombError(f"{path}: {width} x {height} = {width * height} pixels is over the "
+                                           f"{decode_limit()}-pixel decoding limit (a decompression bomb?)")
+    return img
 
 
 def load_rgb(path: str | Path, resize_to: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
@@ -17,7 +49,7 @@ def load_rgb(path: str | Path, resize_to: Callable[[int, int], tuple[int, int]] 
     size both ways is then decoded at a reduced scale (libjpeg's DCT scaling, PIL's draft mode: 1/2, 1/4 or
     1/8, never below the target) and resized to exactly it, bilinear, which is several times cheaper for a
     large photo than a full decode followed by the resize."""
-    with Image.open(path) as img:
+    with open_image(path) as img:
         if resize_to is not None and img.format == "JPEG":
             target = resize_to(*img.size)
             if img.size[0] >= 2 * target[0] and img.size[1] >= 2 * target[1]:
@@ -36,12 +68,12 @@ def check_image(path: str | Path) -> tuple[int, int] | str:
     if not path.is_file():
         return "not a regular file"
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
             return img.size
     except UnidentifiedImageError:
-        return "not an image file (no decoder recognises it)"
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated, corrupt, bad header
+        return f"not an image file of an accepted format ({ALLOWED_NAMES})"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # truncated, corrupt, bad header
         return f"cannot decode ({exc})"
 
 

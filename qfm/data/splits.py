@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -78,3 +80,13 @@ def part_mask(frame: pd.DataFrame, column: str, part: str) -> pd.Series:
     if part not in PARTS:
         raise ConfigError(f"split part '{part}' is unknown; use one of {list(PARTS)}")
     return frame[column] == part
+
+
+def ids_digest(image_ids: Sequence[str]) -> str:
+    """SHA-256 of a set of image ids (sorted, so the order does not matter): which images a part holds."""
+    return hashlib.sha256(json.dumps(sorted(map(str, image_ids))).encode()).hexdigest()
+
+
+def part_digest(frame: pd.DataFrame, column: str, part: str) -> str:
+    """ids_digest of the images in one part of one split of a manifest's frame."""
+    return ids_digest(frame.loc[part_mask(frame, column, part), "image_id"].astype(str).tolist())

@@ -144,6 +144,7 @@ class ManifestCropDataset(_CropDataset):
                                   f"got dtype {rows.dtype} and shape {rows.shape}")
             mask &= rows
         self.row_positions = np.flatnonzero(mask)
+        self.split, self.part = split, part
         dataset = manifest.meta.get("dataset", "?")
         if len(self.row_positions) == 0:
             where = f"part '{part}' of {split}" if part is not None else "the selected rows"

@@ -9,11 +9,16 @@ could be exported, its ONNX form (model.onnx): `QFM_ENGINE=onnxruntime` scores w
 then loading and scoring import no torch (decoding and cropping are numpy's), so a server needs none.
 
 A request is checked before anything is decoded, and every refusal is an HTTP 400 whose message names the
-row and the problem, never a stack trace or a server path: columns other than these two, no rows, bytes
-that are not an image, an image over `QFM_MAX_PIXELS` pixels (read from its header: a decompression bomb is
-never decoded), a damaged file, and, when served, a `path` outside the folder `QFM_SERVE_ROOT` names (no
-path is read at all when it is unset). By default one bad row refuses the whole request; the request
-parameter `on_error: report` scores the others and gives the bad rows an `error` instead.
+row and the problem, never a stack trace or a server path: columns other than these two, no rows, more rows
+than `QFM_SERVE_MAX_ROWS`, more image bytes than `QFM_SERVE_MAX_BYTES`, more pixels in all than
+`QFM_SERVE_MAX_PIXELS` (read from the images' headers: nothing is decoded first), bytes that are not a JPEG,
+PNG, BMP, TIFF or WebP image, an image over PIL's decompression-bomb limit, a damaged file. `path` rows are
+read only inside the folder `QFM_SERVE_ROOT` names (symlinks and `..` resolved first), whoever hosts the
+model (`mlflow models serve`, MLServer, KServe, a Python session): with it unset no path is read at all,
+and a path that is missing, outside the folder, not a file or not a readable image gets one and the same
+answer, so that a client cannot learn which files exist. By default one bad row refuses the whole request;
+the request parameter `on_error: report` scores the others and gives the bad rows an `error` instead (the
+caps on rows, bytes and pixels refuse the request either way).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image, UnidentifiedImageError
 
-from qfm.errors import QfmError
+from qfm.data.images import ALLOWED_NAMES, decode_limit, open_image
+from qfm.errors import ConfigError, QfmError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -49,9 +55,12 @@ if TYPE_CHECKING:
 ARTIFACT = "checkpoint"
 DEVICE_ENV = "QFM_DEVICE"           # device of a served model (default auto: CUDA when present)
 ENGINE_ENV = "QFM_ENGINE"           # torch (default) | onnxruntime (the model.onnx registered with the version)
-SERVE_ROOT_ENV = "QFM_SERVE_ROOT"   # the folder a served model may read `path` rows from (unset: none)
-MAX_PIXELS_ENV = "QFM_MAX_PIXELS"   # the largest image (width x height) scored; default PIL's bomb limit
-SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"  # set to "true" by `mlflow models serve`
+SERVE_ROOT_ENV = "QFM_SERVE_ROOT"   # the folder `path` rows may name files in (unset: no path is read)
+LIMITS = {  # a request's caps: (environment variable, default, what is counted)
+    "rows": ("QFM_SERVE_MAX_ROWS", 32, "rows"),
+    "bytes": ("QFM_SERVE_MAX_BYTES", 64 * 2**20, "bytes of image files"),
+    "pixels": ("QFM_SERVE_MAX_PIXELS", 100_000_000, "pixels (width x height, summed over the images)"),
+}
 COLUMNS = ("image", "path")
 ON_ERROR = ("reject", "report")
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "numpy", "pandas", "pyarrow", "pillow", "scipy",
@@ -62,14 +71,19 @@ _log = logging.getLogger(__name__)
 class QfmScorer(mlflow.pyfunc.PythonModel):
     """Loads the model once (torch checkpoint or ONNX export); predict scores a DataFrame of images, one
     request at a time: the model already uses every core, and concurrent requests (the scoring server runs
-    each in a thread) would only oversubscribe them."""
+    each in a thread) would only oversubscribe them. That one lock is why a request is capped (rows, image
+    bytes, pixels: LIMITS, read once at load): the largest request the caps let through holds the lock for
+    a bounded time (about QFM_SERVE_MAX_ROWS images' scoring), and one over them is refused before anything
+    is decoded, so it never holds the lock at all."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.limits: dict[str, int] | None = None
 
     def load_context(self, context) -> None:
         from qfm.inference import load_engine_model
 
+        self.limits = read_limits()  # a bad setting stops the server at start, naming the variable
         folder = Path(context.artifacts[ARTIFACT])
         engine = os.environ.get(ENGINE_ENV, "torch")
         self.model, self.state, self.device = load_engine_model(folder, engine, os.environ.get(DEVICE_ENV, "auto"))
@@ -78,7 +92,7 @@ class QfmScorer(mlflow.pyfunc.PythonModel):
         try:
             with self.lock:
                 return score_frame(self.model, self.state, model_input, device=self.device,
-                                   on_error=(params or {}).get("on_error", "reject"))
+                                   on_error=(params or {}).get("on_error", "reject"), limits=self.limits)
         except MlflowException:
             raise
         except QfmError as exc:
@@ -94,8 +108,32 @@ def bad_request(message: str) -> MlflowException:
     return MlflowException(message, INVALID_PARAMETER_VALUE)
 
 
-def check_request(frame: pd.DataFrame, on_error: str) -> None:
-    """Refuse a request that is not a non-empty table of `image` or `path` rows, naming what it got."""
+def read_limits() -> dict[str, int]:
+    """The caps of a request by name (LIMITS): each from its environment variable, else its default."""
+    limits = {}
+    for name, (variable, default, _) in LIMITS.items():
+        value = os.environ.get(variable, "").strip()
+        try:
+            limits[name] = int(value) if value else default
+        except ValueError:
+            raise ConfigError(f"{variable}={value!r} is not a whole number; unset it for the default {default}") \
+                from None
+        if limits[name] < 1:
+            raise ConfigError(f"{variable} must be at least 1, got {limits[name]}; unset it for the default {default}")
+    return limits
+
+
+def over_limit(name: str, count: int, limits: dict[str, int]) -> None:
+    """Refuse the whole request (HTTP 400) when count exceeds the named cap, naming the cap and its variable."""
+    if count > limits[name]:
+        variable, _, what = LIMITS[name]
+        raise bad_request(f"the request has {count} {what}; this server takes at most {limits[name]} per request "
+                          f"({variable}): send fewer or smaller images per request")
+
+
+def check_request(frame: pd.DataFrame, on_error: str, limits: dict[str, int] | None = None) -> None:
+    """Refuse a request that is not a non-empty table of `image` or `path` rows, naming what it got, or that
+    has more rows than the cap."""
     if on_error not in ON_ERROR:
         raise bad_request(f"params.on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
     if not isinstance(frame, pd.DataFrame):
@@ -108,35 +146,49 @@ def check_request(frame: pd.DataFrame, on_error: str) -> None:
                           "in JSON) and/or 'path' (an image file the server may read)")
     if len(frame) == 0:
         raise bad_request("the input has no rows: send one row per image")
+    over_limit("rows", len(frame), limits or read_limits())
 
 
 def score_frame(model: nn.Module | OnnxRuntimeScorer, state: dict, frame: pd.DataFrame, *, device: str = "auto",
-                batch_size: int = 16, on_error: str = "reject") -> pd.DataFrame:
+                batch_size: int = 16, on_error: str = "reject", limits: dict[str, int] | None = None) -> pd.DataFrame:
     """Score each row's image (bytes in `image`, else the file in `path`); rows keep their order. A row that
-    cannot be scored refuses the request (on_error='reject') or gets its reason in `error` ('report')."""
+    cannot be scored refuses the request (on_error='reject') or gets its reason in `error` ('report'); a
+    request over a cap (limits, default read_limits()) is refused whole, before any image is decoded."""
     from qfm.inference import score_files
 
-    check_request(frame, on_error)
+    limits = limits or read_limits()
+    check_request(frame, on_error, limits)
     n = len(frame)
     paths = frame["path"].tolist() if "path" in frame.columns else [None] * n
     blobs = frame["image"].tolist() if "image" in frame.columns else [None] * n
     notes: dict[int, str] = {}
+    sources: dict[int, Path | object] = {}  # a path row's file, or an image row's bytes (still base64 text)
+    for i, (path, blob) in enumerate(zip(paths, blobs)):
+        try:
+            if _present(blob):
+                sources[i] = blob
+            elif _present(path):
+                sources[i] = readable_path(str(path), i)
+            else:
+                raise QfmError(f"row {i} has neither an 'image' nor a 'path'")
+        except QfmError as exc:
+            notes[i] = str(exc)
+    over_limit("bytes", sum(_size(source) for source in sources.values()), limits)  # nothing decoded yet
     with tempfile.TemporaryDirectory(prefix="qfm-score-") as tmp:
-        files, labels = [], {}
-        for i, (path, blob) in enumerate(zip(paths, blobs)):
-            target, labels[i] = Path(tmp) / f"row_{i}", f"row {i}'s image"
+        files: dict[int, Path] = {}
+        pixels = 0
+        for i, source in sources.items():
             try:
-                if _present(blob):
-                    target.write_bytes(_as_bytes(blob, i))
-                elif _present(path):
-                    target, labels[i] = readable_path(str(path), i), str(path)
+                if isinstance(source, Path):
+                    files[i] = source
                 else:
-                    raise QfmError(f"row {i} has neither an 'image' nor a 'path'")
-                check_header(target, i, labels[i])
+                    files[i] = Path(tmp) / f"row_{i}"
+                    files[i].write_bytes(_as_bytes(source, i))
+                pixels += header_pixels(files[i], i, _path_label(paths[i]) if isinstance(source, Path) else None)
             except QfmError as exc:
                 notes[i] = str(exc)
-            files.append(target)
         good = [i for i in range(n) if i not in notes]
+        over_limit("pixels", pixels, limits)  # from the headers: nothing decoded yet
         if good:
             scored = score_files(model, state, [files[i] for i in good], device=device, batch_size=batch_size,
                                  workers=0, progress=False)
@@ -144,8 +196,11 @@ def score_frame(model: nn.Module | OnnxRuntimeScorer, state: dict, frame: pd.Dat
         if good:
             out.loc[good, ["score", "crop_std"]] = scored[["score", "crop_std"]].to_numpy()
             for row, error in zip(good, scored["error"]):
-                if error:
-                    notes[row] = f"row {row}: {_client_reason(error, files[row], labels[row])}"
+                if error and isinstance(sources[row], Path):
+                    notes[row] = _unreadable(_path_label(paths[row]), row)
+                elif error:
+                    label = f"row {row}'s image"
+                    notes[row] = f"row {row}: {_client_reason(error, files[row], label)}"
     for row, note in notes.items():
         out.loc[row, "error"] = note
     if notes and on_error == "reject":
@@ -157,51 +212,63 @@ def score_frame(model: nn.Module | OnnxRuntimeScorer, state: dict, frame: pd.Dat
 
 
 def readable_path(path: str, row: int) -> Path:
-    """The file a `path` row names, if this model may read it: anywhere in a Python session, only inside
-    $QFM_SERVE_ROOT when served (and nowhere when that is unset)."""
-    if os.environ.get(SERVING_ENV, "").lower() != "true":
-        return Path(path)
-    root = os.environ.get(SERVE_ROOT_ENV)
+    """The file a `path` row names, if the model may read it: a regular file inside $QFM_SERVE_ROOT once
+    symlinks and `..` are resolved (a relative path is taken inside it), whoever hosts the model; with the
+    variable unset no path is read. Every refusal but the unset variable is one message (see _unreadable)."""
+    root = os.environ.get(SERVE_ROOT_ENV, "").strip()
     if not root:
-        raise QfmError(f"row {row}: this server reads no files; send the image's bytes in an 'image' column "
-                       f"(its operator can allow paths under one folder with {SERVE_ROOT_ENV})")
-    resolved = Path(root, path).resolve()  # a relative path is taken inside the root
-    if not resolved.is_relative_to(Path(root).resolve()):
-        raise QfmError(f"row {row}: path '{path}' is outside the folder this server may read; give a path "
-                       "inside it (or a path relative to it), or send the image's bytes in an 'image' column")
-    return resolved
-
-
-def max_pixels() -> int:
-    """$QFM_MAX_PIXELS, else PIL's decompression-bomb limit (about 89 megapixels)."""
-    value = os.environ.get(MAX_PIXELS_ENV)
-    if value is None:
-        return int(Image.MAX_IMAGE_PIXELS or 0) or 89_478_485
+        raise QfmError(f"row {row}: this model reads no image files: {SERVE_ROOT_ENV} is not set. Send the image's "
+                       f"bytes in an 'image' column (the server's operator can allow paths inside one folder by "
+                       f"setting {SERVE_ROOT_ENV} to it)")
     try:
-        return int(value)
-    except ValueError:
-        raise QfmError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels") from None
+        base = Path(root).resolve()
+        resolved = (base / path).resolve()
+        if resolved.is_relative_to(base) and resolved.is_file():
+            return resolved
+    except (OSError, RuntimeError, ValueError):  # a NUL byte, a symlink loop, a name too long
+        pass
+    raise QfmError(_unreadable(_path_label(path), row))
 
 
-def check_header(path: Path, row: int, label: str) -> None:
-    """Read only the image's header: refuse a file that is missing, not an image, or over max_pixels();
-    label: how the client named the image (its path as sent, or 'row N's image')."""
-    limit = max_pixels()
-    if not path.is_file():
-        raise QfmError(f"row {row}: image file '{label}' does not exist")
+def _unreadable(label: str, row: int) -> str:
+    """The one answer for a path that is missing, outside the folder, not a file or not a readable image."""
+    return (f"row {row}: path '{label}' is not an image this server can read; send the path of a JPEG, PNG, BMP, "
+            f"TIFF or WebP file inside the folder it serves ({SERVE_ROOT_ENV}; relative paths are taken inside it), "
+            "or the image's bytes in an 'image' column")
+
+
+def _path_label(path) -> str:
+    """A path as the client sent it, cut short for a message."""
+    text = str(path)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def header_pixels(path: Path, row: int, path_label: str | None = None) -> int:
+    """width x height from the image's header alone (nothing decoded): refuse a file that is not an image of
+    an accepted format or is over the decoding limit (qfm.data.images.open_image). path_label: the path the
+    client sent, for a `path` row (any failure but the size is then the one _unreadable answer)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             width, height = img.size
-    except Image.DecompressionBombError as exc:  # PIL refuses at twice its limit, before decoding
-        width = height = None
-        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+    except Image.DecompressionBombError as exc:  # PIL refuses at twice its limit, open_image at the limit
+        pixels = re.search(r"\((\d+) pixels\)|= (\d+) pixels", str(exc))
+        size = f"{pixels[1] or pixels[2]} pixels" if pixels else "over the limit"
+        raise QfmError(f"row {row}: the image is too large to decode ({size}; the limit is {decode_limit()} "
+                       "pixels per image); send a reduced copy") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise QfmError(f"row {row}: not an image file (no decoder recognises its bytes)") from None
-    if width is None or width * height > limit:
-        size = f"{width} x {height} pixels" if width is not None else (
-            f"{pixels[1]} pixels" if pixels else "over twice the limit")
-        raise QfmError(f"row {row}: the image is too large to decode ({size}; this server's limit is {limit} "
-                       f"pixels, {MAX_PIXELS_ENV}); send a reduced copy")
+        if path_label is not None:
+            raise QfmError(_unreadable(path_label, row)) from None
+        raise QfmError(f"row {row}: not an image file of an accepted format ({ALLOWED_NAMES})") from None
+    return width * height
+
+
+def _size(source) -> int:
+    """Bytes of a row's image: its file's size, or its bytes (base64 text: 3 bytes per 4 characters)."""
+    if isinstance(source, Path):
+        return source.stat().st_size
+    if isinstance(source, str):
+        return len(source) * 3 // 4
+    return len(source)
 
 
 def _client_reason(error: str, file: Path, label: str) -> str:

@@ -52,6 +52,7 @@ DEFAULT_ROWS = {"baseline": PLAIN, "qfm": {}}
 COMPARED = ("srcc", "plcc_raw", "plcc_logistic")
 EXECUTION_ONLY = ("workers",)
 STUDY_FILES = ("study.json", "study.md", "study_differences.png")
+UNIT_FAILURES = "failed_rows.json"  # in the pipeline's units of a split: {row: error} of rows whose units failed
 
 
 @dataclass(frozen=True)
@@ -227,13 +228,17 @@ def run_row_safely(units: UnitStore, manifest_dir: str, params_file: str | None,
     try:
         result = run_row(units, manifest_dir, row_params(params_file, overrides, row), split, report)
         result["seconds"] = round(time.perf_counter() - started, 1)
-    except QfmError as exc:
-        result = {"error": str(exc)}
-    except Exception:  # noqa: BLE001 -- one row failing must not lose the others; the error is reported
-        result = {"error": traceback.format_exc(limit=4)}
+    except Exception as exc:  # noqa: BLE001 -- one row failing must not lose the others; the error is reported
+        result = {"error": failure_text(exc)}
     if "error" in result and progress:
         print(f"{split:>9}  {row.name:<16}  FAILED: {result['error'].splitlines()[0]}", flush=True)
     return result
+
+
+def failure_text(exc: Exception) -> str:
+    """How a failed row is recorded: a QfmError's own message, else the end of the traceback (call it in the
+    except block that caught exc)."""
+    return str(exc) if isinstance(exc, QfmError) else traceback.format_exc(limit=4)
 
 
 def run_study(manifest_dir: str | Path, out_dir: str | Path, splits: list[str], *, rows_file: str | Path | None = None,

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from qfm.config import TrainParams
+from qfm.data.splits import ids_digest
 from qfm.data.torch_dataset import CropConfig, ManifestCropDataset, make_loader
 from qfm.errors import ConfigError, DataError
 from qfm.eval.metrics import check_metric, compute_metrics, gain
@@ -145,9 +146,17 @@ def _mean_weights(total: dict, count: int, like: nn.Module) -> dict:
     return {k: (v / count).to(state[k].dtype) if v.is_floating_point() else v for k, v in total.items()}
 
 
-def _model_state(model: nn.Module, crop: CropConfig, epoch: int, val: dict, params: TrainParams) -> dict:
+def _model_state(model: nn.Module, crop: CropConfig, epoch: int, val: dict, params: TrainParams,
+                 val_split: dict) -> dict:
     return {"model": model.state_dict(), "model_config": dict(model.config), "crop": asdict(crop),
-            "epoch": epoch, "val": val, "params": asdict(params)}
+            "epoch": epoch, "val": val, "params": asdict(params), "val_split": val_split}
+
+
+def validation_split(val_set: ManifestCropDataset) -> dict:
+    """What best.safetensors records of the images the model was chosen on: the split's name and the digest
+    of its validation image ids (qfm.data.splits.ids_digest), so that a later gate (qfm export --int8) can
+    check that it judges on the same part."""
+    return {"name": getattr(val_set, "split", None), "val_ids_sha256": ids_digest(val_set.image_ids)}
 
 
 def validation_metrics(model: nn.Module, loader: DataLoader, mos: np.ndarray, device: torch.device,
@@ -284,7 +293,8 @@ def fit(model: nn.Module, train_set: ManifestCropDataset, val_set: ManifestCropD
         if not here.main:  # only rank 0 writes; every rank holds the same model, history and choice
             continue
         if improved:
-            save_checkpoint(_model_state(chosen, train_set.config, epoch, val, params), out_dir / BEST)
+            save_checkpoint(_model_state(chosen, train_set.config, epoch, val, params, validation_split(val_set)),
+                            out_dir / BEST)
         save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "rng": rng_state(), "epoch": epoch,
                          "history": history, "best": best, "identity": identity,
