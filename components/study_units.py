@@ -16,15 +16,15 @@ def study_units(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[A
     from pathlib import Path
 
     from qfm.config import load_params
-    from qfm.runtime import resolve_device
     from qfm.steps.study import progress_reporter, read_rows, row_params, shared_units
-    from qfm.steps.units import UnitStore
+    from qfm.steps.units import UnitStore, check_code, device_key
 
     folder = Path(plan.path)
     rows, _ = read_rows(folder / "rows.yaml")
     params_file = folder / "params.yaml"
-    device = resolve_device(load_params(params_file)["run"].device).type
+    device = device_key(load_params(params_file)["run"].device)
     context = json.loads((folder / "plan.json").read_text())["context"] | {"device": device}
+    check_code(context)  # this step's code must be the code the plan keyed the units with
     manifest_dir = local_manifest(manifest.path, dataset.path)
     kept = set()
     with UnitStore(units.path, context) as store:
@@ -32,5 +32,5 @@ def study_units(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[A
             shared = shared_units(store, manifest_dir, row_params(params_file, [], row), split,
                                   progress_reporter(split, row.name, True))
             kept |= {unit.path.name for unit in shared.values()}
-    note_summary(units, {"split": split, "units": len(kept), "device": device})
+    note_summary(units, {"split": split, "units": len(kept), "device": device["type"]})
     return [{"split": split, "row": row.name} for row in rows]
