@@ -217,12 +217,6 @@ def code_context(package_dir: str | Path | None = None) -> dict[str, dict[str, s
     return {"code": _versions(kinds, modules), "modules": modules}
 
 
-def code_version(package_dir: str | Path | None = None) -> str:
-    """One digest of every unit kind's code version (what a log line or a report names)."""
-    text = json.dumps(code_versions(package_dir), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def check_code(context: Mapping, package_dir: str | Path | None = None) -> None:
     """Refuse to work (CodeChangedError) when the code on disk is not the code `context` (a study's) keys
     its units with: a unit computed now would be stored under a key that does not describe it."""
