@@ -11,8 +11,9 @@ def study_plan(manifest: Input[Dataset], dataset: Input[Dataset], rows: str, stu
                plan: Output[Artifact]) -> list:
     """Check the rows (JSON of a rows file: {"rows": {NAME: {section.key: value}}, "reference": NAME}), every
     row's parameters and the splits (empty: all of the manifest's). `plan` holds params.yaml (the study's
-    sections, under each row's overrides), rows.yaml and plan.json (the splits, and the data and code versions
-    that key the units). Returns the splits: the outer loop of the study pipeline."""
+    sections, under each row's overrides), rows.yaml and plan.json (the splits; the data and code versions
+    that key the units, which each later step checks against its own code; the git state of the code).
+    Returns the splits: the outer loop of the study pipeline."""
     import json
     import re
     from pathlib import Path
@@ -22,6 +23,7 @@ def study_plan(manifest: Input[Dataset], dataset: Input[Dataset], rows: str, stu
     from qfm.data.manifest import read_manifest
     from qfm.errors import ConfigError
     from qfm.steps.study import parse_rows, row_params, rows_mapping, study_context
+    from qfm.steps.units import git_state
 
     try:
         found, reference = parse_rows(json.loads(rows), "pipeline parameter 'rows'")
@@ -54,7 +56,8 @@ def study_plan(manifest: Input[Dataset], dataset: Input[Dataset], rows: str, stu
     (folder / "rows.yaml").write_text(yaml.safe_dump(rows_mapping(found, reference), sort_keys=False))
     (folder / "plan.json").write_text(json.dumps({"splits": splits, "rows": [r.name for r in found],
                                                   "reference": reference,
-                                                  "context": {"data": context["data"], "code": context["code"]}},
+                                                  "context": {k: v for k, v in context.items() if k != "device"},
+                                                  "source": git_state()},
                                                  indent=2))
     note_summary(plan, {"rows": len(found), "splits": len(splits), "reference": reference})
     print(f"study: {len(found)} row(s) x {len(splits)} split(s) ({', '.join(splits)}); reference '{reference}'")

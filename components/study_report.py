@@ -44,7 +44,7 @@ def study_report(plan: Input[Artifact], splits: Input[list[Dataset]], study: Out
         for result in results.values():
             if "predictions" in result:
                 result["predictions"] = str(Path(result["predictions"]).relative_to(out))
-    summary |= {"context": planned["context"], "splits": planned["splits"],
+    summary |= {"context": planned["context"], "source": planned.get("source"), "splits": planned["splits"],
                 "command": {"pipeline": "qfm-study", "rows": rows_mapping(rows, reference),
                             "params": (folder / "params.yaml").read_text()}}
     write_study(out, summary)

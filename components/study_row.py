@@ -20,9 +20,8 @@ def study_row(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[Art
 
     from qfm.config import load_params
     from qfm.errors import ConfigError
-    from qfm.runtime import resolve_device
     from qfm.steps.study import UNIT_FAILURES, read_rows, run_row_safely
-    from qfm.steps.units import MARKER, UnitStore
+    from qfm.steps.units import MARKER, UnitStore, check_code, device_key
 
     folder = Path(plan.path)
     rows, _ = read_rows(folder / "rows.yaml")
@@ -30,8 +29,9 @@ def study_row(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[Art
     if not chosen:
         raise ConfigError(f"parameter 'row': '{row}' is not one of the study's rows {[r.name for r in rows]}")
     params_file = folder / "params.yaml"
-    device = resolve_device(load_params(params_file)["run"].device).type
+    device = device_key(load_params(params_file)["run"].device)
     context = json.loads((folder / "plan.json").read_text())["context"] | {"device": device}
+    check_code(context)  # this step's code must be the code the plan keyed the units with
     out = Path(result.path)
     out.mkdir(parents=True, exist_ok=True)
     failures = Path(units.path) / UNIT_FAILURES

@@ -18,7 +18,6 @@ def study_units(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[A
     from pathlib import Path
 
     from qfm.config import load_params
-    from qfm.runtime import resolve_device
     from qfm.steps.study import (
         UNIT_FAILURES,
         failure_text,
@@ -27,13 +26,14 @@ def study_units(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[A
         row_params,
         shared_units,
     )
-    from qfm.steps.units import UnitStore
+    from qfm.steps.units import UnitStore, check_code, device_key
 
     folder = Path(plan.path)
     rows, _ = read_rows(folder / "rows.yaml")
     params_file = folder / "params.yaml"
-    device = resolve_device(load_params(params_file)["run"].device).type
+    device = device_key(load_params(params_file)["run"].device)
     context = json.loads((folder / "plan.json").read_text())["context"] | {"device": device}
+    check_code(context)  # this step's code must be the code the plan keyed the units with
     manifest_dir = local_manifest(manifest.path, dataset.path)
     kept, failed = set(), {}
     with UnitStore(units.path, context) as store:
@@ -47,5 +47,5 @@ def study_units(manifest: Input[Dataset], dataset: Input[Dataset], plan: Input[A
                 continue
             kept |= {unit.path.name for unit in shared.values()}
     (Path(units.path) / UNIT_FAILURES).write_text(json.dumps(failed, indent=2) + "\n")
-    note_summary(units, {"split": split, "units": len(kept), "failed_rows": len(failed), "device": device})
+    note_summary(units, {"split": split, "units": len(kept), "failed_rows": len(failed), "device": device["type"]})
     return [{"split": split, "row": row.name} for row in rows]

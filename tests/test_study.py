@@ -15,7 +15,7 @@ from qfm.cli import main
 from qfm.config import RunParams, TrainParams
 from qfm.errors import ConfigError
 from qfm.eval.paired import image_bootstrap, paired_differences
-from qfm.steps.study import read_rows, run_study
+from qfm.steps.study import read_rows, row_keys, row_params, run_study
 from qfm.steps.teacher import train_teacher
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,6 +54,9 @@ def test_study_writes_the_paired_table_intervals_and_plot(first_study):
         assert (run / name).is_file() and (run / name).stat().st_size > 200, name
     saved = json.loads((run / "study.json").read_text())
     assert saved["reference"] == "baseline" and saved["splits"] == ["split_0", "split_1"]
+    assert set(saved["source"]) == {"commit", "dirty"}  # the git state of the code (None outside a checkout)
+    assert set(saved["context"]["code"]) == {"train", "pseudo", "bank", "student", "evaluate"}
+    assert saved["context"]["device"]["type"] == "cpu" and "cpu_capability" in saved["context"]["device"]
     rows = {r["row"]: r for r in saved["rows"]}
     assert set(rows) == {"baseline", "qcc"} and not rows["qcc"]["errors"]
     vs = rows["qcc"]["vs_reference"]["test_srcc"]
@@ -69,9 +72,16 @@ def test_study_writes_the_paired_table_intervals_and_plot(first_study):
         assert text in markdown, text
 
 
-def test_baseline_row_is_the_teacher_unit_when_the_recipes_agree(first_study):
-    _, _, study = first_study
+def test_baseline_row_is_the_teacher_unit_when_the_recipes_agree(first_study, tiny_demo):
+    out, _, study = first_study
+    params = {r.name: row_params(None, SETTINGS, r) for r in read_rows(out / "rows.yaml")[0]}
     for split, rows in study["per_split"].items():
+        for name, chain in rows.items():  # the keys computed without running are the keys the units got
+            planned = row_keys(tiny_demo, params[name], study["context"])
+            assert chain["units"] == {role: key for role, key in planned.items() if role != "test"}, (split, name)
+            record = json.loads((out / "run" / "units" / split / f"train-{chain['units']['teacher']}" / "unit.json")
+                                .read_text())
+            assert record["context"]["code"] == study["context"]["code"]["train"]  # its own kind's code only
         assert rows["baseline"]["units"]["model"] == rows["baseline"]["units"]["teacher"], split
         assert rows["qcc"]["units"]["teacher"] == rows["baseline"]["units"]["teacher"], split
         assert "bank" in rows["qcc"]["units"] and "pseudo" not in rows["qcc"]["units"]

@@ -187,7 +187,10 @@ def test_plan_records_the_splits_rows_and_the_context_of_qfm_study(tiny_demo, tm
     assert splits == ["split_0", "split_1"]  # none given: all of the manifest's
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     context = study_context(tiny_demo, "cpu")
-    assert plan["context"] == {"data": context["data"], "code": context["code"]}  # the units' keys of `qfm study`
+    # the units' keys of `qfm study` (the device is each worker's own)
+    assert plan["context"] == {k: v for k, v in context.items() if k != "device"}
+    assert set(plan["context"]["code"]) == {"train", "pseudo", "bank", "student", "evaluate"}
+    assert set(plan["source"]) == {"commit", "dirty"}
     assert plan["rows"] == ["baseline", "qcc"] and plan["reference"] == "baseline"
     assert yaml.safe_load((tmp_path / "plan" / "rows.yaml").read_text()) == ROWS
     assert yaml.safe_load((tmp_path / "plan" / "params.yaml").read_text())["train_teacher"]["epochs"] == 1

@@ -31,19 +31,29 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from qfm.config import StudentParams, TrainParams, load_params
+from qfm.config import PseudoLabelParams, StudentParams, TrainParams, load_params
 from qfm.data.manifest import read_manifest
 from qfm.errors import ConfigError, QfmError
 from qfm.eval.paired import image_bootstrap, paired_differences
 from qfm.eval.report import paired_differences_plot
-from qfm.runtime import available_cores, resolve_device, set_threads
+from qfm.runtime import available_cores, set_threads
 from qfm.steps.bank import build_bank
 from qfm.steps.common import write_json
 from qfm.steps.evaluate import evaluate
-from qfm.steps.pseudo_label import pseudo_label
+from qfm.steps.pseudo_label import SYNTHETIC, pseudo_label
 from qfm.steps.student import train_student, uses_pseudo_labels, uses_qcc
 from qfm.steps.teacher import train_teacher
-from qfm.steps.units import UnitStore, code_version, data_version
+from qfm.steps.units import (
+    UnitStore,
+    check_code,
+    code_context,
+    data_version,
+    device_key,
+    git_state,
+    pool_sha256,
+    unit_key,
+    weights_sha256,
+)
 
 #: Student overrides that switch every QFM part off: the plain DEIQT fine-tune (the default reference).
 PLAIN = {"train_student.qcc": False, "train_student.use_pseudo_labels": False, "train_student.lambda_kd": 0.0,
@@ -131,67 +141,121 @@ def _quiet(unit) -> None:
     pass
 
 
-def _train(units: UnitStore, manifest_dir, recipe: TrainParams, run):
-    return units.run("train", {"params": _payload(recipe)}, lambda out, resume: train_teacher(
-        manifest_dir, out, recipe, run, resume=resume, progress=False), resumable=True)
+def _inputs(section, manifest_dir: str | Path) -> dict:
+    """The SHA-256 of the files a section reads besides the manifest's images: the weights file of
+    model_options.weights (a hub or packaged name is keyed by the parameters and library versions), the DLE
+    pool's listing and images (a synthetic pool comes from the training images, keyed by the data)."""
+    found = {}
+    weights = (getattr(section, "model_options", None) or {}).get("weights")
+    if weights:
+        found["weights"] = weights_sha256(str(weights))
+    if isinstance(section, PseudoLabelParams) and section.pool and section.pool != SYNTHETIC:
+        found["pool"] = pool_sha256(manifest_dir, section.pool)
+    return found
+
+
+def _with_inputs(payload: dict, section, manifest_dir: str | Path) -> dict:
+    inputs = _inputs(section, manifest_dir)
+    return payload | {"inputs": inputs} if inputs else payload
+
+
+def unit_plan(manifest_dir: str | Path, params: dict, key: Callable[[str, Mapping], str]) -> dict[str, tuple]:
+    """The units one row runs on a split, by role in running order: 'teacher', then 'pseudo' and 'bank'
+    where the row's student uses them (the units rows share), 'model' and 'test'; each a (kind, payload).
+    key(kind, payload) (UnitStore.key) gives the keys that later payloads name. Nothing is computed here but
+    the input files' digests."""
+    teacher_params, student = params["train_teacher"], params["train_student"]
+    pool_params, bank_params = params["pseudo_label"], params["build_bank"]
+    plan: dict[str, tuple] = {}
+    keys: dict[str, str] = {}
+
+    def add(role: str, kind: str, payload: dict) -> None:
+        plan[role] = (kind, payload)
+        keys[role] = key(kind, payload)
+
+    add("teacher", "train", _with_inputs({"params": _payload(teacher_params)}, teacher_params, manifest_dir))
+    if is_plain(student):
+        recipe = recipe_of(student)
+        add("model", "train", _with_inputs({"params": _payload(recipe)}, recipe, manifest_dir))
+    else:
+        if pool_params.pool and (uses_pseudo_labels(student) or uses_qcc(student) and bank_params.include_pseudo):
+            add("pseudo", "pseudo", _with_inputs({"params": _payload(pool_params), "teacher": keys["teacher"]},
+                                                 pool_params, manifest_dir))
+        if uses_qcc(student):
+            add("bank", "bank", {"params": _payload(bank_params), "teacher": keys["teacher"],
+                                 "pseudo": keys.get("pseudo") if bank_params.include_pseudo else None})
+        payload = {"params": _payload(student), "teacher": keys["teacher"] if student.lambda_kd > 0 else None,
+                   "pseudo": keys.get("pseudo") if uses_pseudo_labels(student) else None,
+                   "bank": keys.get("bank")}
+        add("model", "student", _with_inputs(payload, student, manifest_dir))
+    add("test", "evaluate", {"model": keys["model"], "part": "test"})
+    return plan
+
+
+def row_keys(manifest_dir: str | Path, params: dict, context: Mapping) -> dict[str, str]:
+    """The key of every unit one row uses on a split in a study of this context, by role (unit_plan's),
+    computed without running anything."""
+    plan = unit_plan(manifest_dir, params, lambda kind, payload: unit_key(context, kind, payload))
+    return {role: unit_key(context, kind, payload) for role, (kind, payload) in plan.items()}
+
+
+SHARED = ("teacher", "pseudo", "bank")
+
+
+def _compute(role: str, manifest_dir, params: dict, run, done: dict, payload: dict) -> tuple[Callable, bool]:
+    """How to compute the unit of `role` from the units `done` before it: (compute(out, resume), resumable)."""
+    student = params["train_student"]
+    teacher = done.get("teacher")
+    if role == "teacher" or role == "model" and is_plain(student):
+        recipe = params["train_teacher"] if role == "teacher" else recipe_of(student)
+        return (lambda out, resume: train_teacher(manifest_dir, out, recipe, run, resume=resume,
+                                                  progress=False)), True
+    if role == "pseudo":
+        return (lambda out, resume: pseudo_label(manifest_dir, teacher.path, out, params["pseudo_label"], run,
+                                                 progress=False)), False
+    if role == "bank":
+        bank_pool = done["pseudo"] if payload["pseudo"] else None
+        return (lambda out, resume: build_bank(manifest_dir, teacher.path, bank_pool.path if bank_pool else None,
+                                               out, params["build_bank"], run, progress=False)), False
+    if role == "model":
+        pool = done["pseudo"] if payload["pseudo"] else None
+        bank = done["bank"] if payload["bank"] else None
+        return (lambda out, resume: train_student(
+            manifest_dir, out, student, run, teacher_dir=teacher.path, pseudo_dir=pool.path if pool else None,
+            bank_dir=bank.path if bank else None, resume=resume, progress=False)), True
+    model = done["model"]
+    return (lambda out, resume: evaluate(manifest_dir, model.path, out, run, progress=False)), False
+
+
+def _run_units(units: UnitStore, manifest_dir, params: dict, split: str, roles: tuple[str, ...],
+               report: Callable[[object], None], done: dict | None = None) -> dict:
+    run = replace(params["run"], split=split)
+    done = dict(done or {})
+    for role, (kind, payload) in unit_plan(manifest_dir, params, units.key).items():
+        if role not in roles or role in done:
+            continue
+        compute, resumable = _compute(role, manifest_dir, params, run, done, payload)
+        done[role] = units.run(kind, payload, compute, resumable=resumable)
+        report(done[role])
+    return done
 
 
 def shared_units(units: UnitStore, manifest_dir: str | Path, params: dict, split: str,
                  report: Callable[[object], None] = _quiet) -> dict:
     """The units of one row on one split that other rows may share: the teacher, and the DLE pool and the
     SNM bank where the row's student uses them; returns them by kind ('teacher', 'pseudo', 'bank')."""
-    run = replace(params["run"], split=split)
-    teacher = _train(units, manifest_dir, params["train_teacher"], run)
-    report(teacher)
-    shared = {"teacher": teacher}
-    student, pool_params, bank_params = params["train_student"], params["pseudo_label"], params["build_bank"]
-    if is_plain(student):
-        return shared
-    if pool_params.pool and (uses_pseudo_labels(student) or uses_qcc(student) and bank_params.include_pseudo):
-        shared["pseudo"] = units.run("pseudo", {"params": _payload(pool_params), "teacher": teacher.key},
-                                     lambda out, resume: pseudo_label(manifest_dir, teacher.path, out, pool_params,
-                                                                      run, progress=False))
-        report(shared["pseudo"])
-    if uses_qcc(student):
-        bank_pool = shared.get("pseudo") if bank_params.include_pseudo else None
-        shared["bank"] = units.run("bank", {"params": _payload(bank_params), "teacher": teacher.key,
-                                            "pseudo": bank_pool.key if bank_pool else None},
-                                   lambda out, resume: build_bank(manifest_dir, teacher.path,
-                                                                  bank_pool.path if bank_pool else None, out,
-                                                                  bank_params, run, progress=False))
-        report(shared["bank"])
-    return shared
+    return _run_units(units, manifest_dir, params, split, SHARED, report)
 
 
 def run_row(units: UnitStore, manifest_dir: str | Path, params: dict, split: str,
             report: Callable[[object], None]) -> dict:
     """The training chain of one row on one split; returns its units, validation and test figures."""
-    run = replace(params["run"], split=split)
     shared = shared_units(units, manifest_dir, params, split, report)
-    chain = {kind: unit.key for kind, unit in shared.items()}
-    student = params["train_student"]
-    if is_plain(student):
-        model = _train(units, manifest_dir, recipe_of(student), run)
-    else:
-        model = _qfm_student(units, manifest_dir, student, run, shared)
-    report(model)
-    chain["model"] = model.key
-    test = units.run("evaluate", {"model": model.key, "part": "test"}, lambda out, resume: evaluate(
-        manifest_dir, model.path, out, run, progress=False))
-    report(test)
+    done = _run_units(units, manifest_dir, params, split, ("model", "test"), report, shared)
+    model, test = done["model"], done["test"]
+    chain = {kind: unit.key for kind, unit in shared.items()} | {"model": model.key}
     return {"units": chain, "best_epoch": model.result["best_epoch"], "val": model.result["val"],
             "test": test.result, "predictions": str(test.path / "predictions.csv")}
-
-
-def _qfm_student(units: UnitStore, manifest_dir, student: StudentParams, run, shared: dict):
-    teacher, bank = shared["teacher"], shared.get("bank")
-    student_pool = shared.get("pseudo") if uses_pseudo_labels(student) else None
-    payload = {"params": _payload(student), "teacher": teacher.key if student.lambda_kd > 0 else None,
-               "pseudo": student_pool.key if student_pool else None, "bank": bank.key if bank else None}
-    return units.run("student", payload, lambda out, resume: train_student(
-        manifest_dir, out, student, run, teacher_dir=teacher.path,
-        pseudo_dir=student_pool.path if student_pool else None, bank_dir=bank.path if bank else None,
-        resume=resume, progress=False), resumable=True)
 
 
 def _progress_line(split: str, row: str, unit) -> str:
@@ -212,11 +276,15 @@ def progress_reporter(split: str, row: str, progress: bool) -> Callable[[object]
 
 def run_split(manifest_dir: str, units_dir: str, params_file: str | None, overrides: list[str], rows: list[Row],
               split: str, context: dict, threads: int, progress: bool) -> dict[str, dict]:
-    """Every row on one split (one process of the study); a row that fails is recorded, not fatal."""
+    """Every row on one split (one process of the study); a row that fails is recorded, not fatal. Refuses
+    (CodeChangedError) to start a row when the qfm code on disk is no longer the study's (`context`)."""
     set_threads(threads)
+    results = {}
     with UnitStore(Path(units_dir) / split, context) as units:
-        return {row.name: run_row_safely(units, manifest_dir, params_file, overrides, row, split, progress)
-                for row in rows}
+        for row in rows:
+            check_code(context)  # this process runs the code on disk: it must be the code the keys name
+            results[row.name] = run_row_safely(units, manifest_dir, params_file, overrides, row, split, progress)
+    return results
 
 
 def run_row_safely(units: UnitStore, manifest_dir: str, params_file: str | None, overrides: list[str], row: Row,
@@ -259,6 +327,7 @@ def run_study(manifest_dir: str | Path, out_dir: str | Path, splits: list[str], 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     context = study_context(manifest_dir, params[reference]["run"].device)
+    source = git_state()
     jobs = min(jobs, len(splits))
     threads = params[reference]["run"].threads or max(1, available_cores() // jobs)
     started = time.perf_counter()
@@ -271,7 +340,7 @@ def run_study(manifest_dir: str | Path, out_dir: str | Path, splits: list[str], 
             futures = {s: pool.submit(run_split, *job, s, context, threads, progress) for s in splits}
             per_split = {s: f.result() for s, f in futures.items()}
     study = summarize(rows, reference, per_split, params)
-    study |= {"context": context, "splits": splits, "jobs": jobs, "threads_per_job": threads,
+    study |= {"context": context, "source": source, "splits": splits, "jobs": jobs, "threads_per_job": threads,
               "wall_seconds": round(time.perf_counter() - started, 1),
               "command": {"rows_file": None if rows_file is None else str(rows_file),
                           "params_file": None if params_file is None else str(params_file), "overrides": overrides}}
@@ -280,8 +349,10 @@ def run_study(manifest_dir: str | Path, out_dir: str | Path, splits: list[str], 
 
 
 def study_context(manifest_dir: str | Path, device: str) -> dict:
-    """What keys every unit besides its own inputs: the data version, the code version, the device type."""
-    return {"data": data_version(manifest_dir), "code": code_version(), "device": resolve_device(device).type}
+    """What keys every unit besides its own payload (qfm.steps.units.scoped_context): the data version, the
+    code version of each unit kind, the device (device_key); and the digest of every module and library
+    version behind the code versions (not keyed: it names what changed when a worker finds other code)."""
+    return {"data": data_version(manifest_dir), **code_context(), "device": device_key(device)}
 
 
 def write_study(out_dir: str | Path, study: dict) -> None:
