@@ -4,8 +4,10 @@ The student's objective (docs: method) is
 
     L = L_q + lambda_qcc * L_cons + lambda_con * L_contrastive + lambda_pl * L_q(pseudo) + lambda_kd * L_distill
 
-``total_loss`` combines the parts a batch has with ``LossWeights``; ``check_finite`` stops training with a
-message naming the step and the images when a loss turns NaN/inf.
+``total_loss`` combines the parts a batch has with ``LossWeights``; under data-parallel ranks
+``global_share`` normalises each part by its item count over all ranks (``part_statistics``, summed), so that
+the averaged gradient is that of the global batch; ``check_finite`` stops training with a message naming the
+step and the images when a loss turns NaN/inf.
 """
 
 from __future__ import annotations
