@@ -4,8 +4,10 @@ The student's objective (docs: method) is
 
     L = L_q + lambda_qcc * L_cons + lambda_con * L_contrastive + lambda_pl * L_q(pseudo) + lambda_kd * L_distill
 
-``total_loss`` combines the parts a batch has with ``LossWeights``; ``check_finite`` stops training with a
-message naming the step and the images when a loss turns NaN/inf.
+``total_loss`` combines the parts a batch has with ``LossWeights``; under data-parallel ranks
+``global_share`` normalises each part by its item count over all ranks (``part_statistics``, summed), so that
+the averaged gradient is that of the global batch; ``check_finite`` stops training with a message naming the
+step and the images when a loss turns NaN/inf.
 """
 
 from __future__ import annotations
@@ -241,6 +243,57 @@ def total_loss(parts: Mapping[str, torch.Tensor], weights: LossWeights) -> tuple
                           f"{weights.as_dict()}): give the quality loss or a part with a non-zero lambda")
     log["loss"] = float(total.detach())
     return total, log
+
+
+#: What each rank contributes per part in ``part_statistics``: whether it has the part, its item count, and the
+#: sum of its items' losses (mean x count).
+STATISTICS_PER_PART = 3
+
+
+def part_statistics(parts: Mapping[str, torch.Tensor], counts: Mapping[str, int]) -> list[float]:
+    """This rank's [present, count, sum] for every part of PART_WEIGHTS (zeros for a part it lacks): summed over
+    the ranks, they give each part's global item count and its mean over the global batch.
+
+    ``counts[name]`` is the number of items the part ``parts[name]`` is the mean over (crops for the quality,
+    pseudo-label, distillation and QCC terms; valid anchors for the contrastive term)."""
+    missing = sorted(set(parts) - set(counts))
+    if missing:
+        raise ConfigError(f"loss part(s) {missing} have no item count")
+    values: list[float] = []
+    for name in PART_WEIGHTS:
+        if name in parts:
+            values += [1.0, float(counts[name]), float(parts[name].detach()) * counts[name]]
+        else:
+            values += [0.0, 0.0, 0.0]
+    return values
+
+
+def global_share(parts: Mapping[str, torch.Tensor], counts: Mapping[str, int], totals: Sequence[float],
+                 weights: LossWeights, world: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss one of `world` data-parallel ranks back-propagates, and the log of the global batch.
+
+    Each part is a mean over this rank's ``counts[name]`` items; ``totals`` is ``part_statistics`` summed over
+    the ranks. Every part is rescaled to ``world * (sum over this rank's items) / (global count)``, so that the
+    gradient DDP averages over the ranks is the gradient of each part's mean over the whole global batch, as one
+    process computes it: a rank without QCC pairs or pseudo-labelled images no longer dilutes the term of the
+    ranks that have them. The log holds each part's global mean and the weighted total (as ``total_loss``), the
+    same on every rank."""
+    if len(totals) != STATISTICS_PER_PART * len(PART_WEIGHTS):
+        raise ConfigError(f"totals must hold {STATISTICS_PER_PART} values per loss part ({len(PART_WEIGHTS)} parts), "
+                          f"got {len(totals)}")
+    log: dict[str, float] = {}
+    total = 0.0
+    scaled: dict[str, torch.Tensor] = {}
+    for n, name in enumerate(PART_WEIGHTS):
+        present, count, summed = totals[STATISTICS_PER_PART * n:STATISTICS_PER_PART * (n + 1)]
+        if present > 0:
+            log[f"loss_{name}"] = summed / count if count > 0 else 0.0
+            field_name = PART_WEIGHTS[name]
+            total += log[f"loss_{name}"] * (1.0 if field_name is None else getattr(weights, field_name))
+        if name in parts:
+            scaled[name] = parts[name] * (world * counts[name] / count if count > 0 else 0.0)
+    loss, _ = total_loss(scaled, weights)
+    return loss, log | {"loss": total}
 
 
 def check_finite(loss: torch.Tensor, step: int, batch_ids: Sequence | None = None,

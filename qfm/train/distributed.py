@@ -8,7 +8,9 @@ sets RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous; ``join`` starts the proces
 What each rank does:
 - training: the sampler draws the same global batches for a given seed and epoch whatever the rank count;
   each rank trains on its own equal share of every global batch (``RankBatches``; an anchor stays with its
-  QCC partner), DDP averages the gradients, so ``batch_size`` in params.yaml is the global batch;
+  QCC partner), DDP averages the gradients, so ``batch_size`` in params.yaml is the global batch; each loss
+  part is normalised by its item count summed over the ranks (``qfm.losses.global_share``), so the averaged
+  gradient is the one process's gradient of the global batch, however the items fall on the ranks;
 - scoring passes (validation, DLE, the SNM bank's embeddings): each rank scores every N-th image and the
   per-image results are gathered on every rank (``gather_rows``), so every rank selects the same epoch;
 - only rank 0 writes (checkpoints, histories, tables, plots, MLflow runs): ``is_main``.
@@ -203,6 +205,16 @@ def from_main(value):
     box = [value if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
+    """`values` summed element-wise over the ranks (float64; on the GPU under NCCL); as given in one process."""
+    if ranks().world == 1:
+        return [float(v) for v in values]
+    where = device if device.type == "cuda" else torch.device("cpu")
+    total = torch.tensor(list(values), dtype=torch.float64, device=where)
+    dist.all_reduce(total)
+    return total.cpu().tolist()
 
 
 def combine_logs(log: Mapping[str, float], count_prefix: str) -> dict[str, float]:
