@@ -65,13 +65,14 @@ def carve_final_split(manifest: Manifest, val_fraction: float = DEFAULT_VAL_FRAC
 
 
 def source_commit() -> str:
-    """The git commit of the qfm source in use (with '-dirty' when it has uncommitted changes), or
-    'unknown' outside a git checkout."""
+    """The git commit of the qfm source in use (with '-dirty' when the package's code has uncommitted
+    changes; the packaged model folder does not count), or 'unknown' outside a git checkout."""
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)pretrained"],  # the packaged model it may be rebuilding
                                cwd=here.parent, capture_output=True, text=True, check=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"

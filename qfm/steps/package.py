@@ -86,12 +86,19 @@ def _figure(value) -> str:
     return "n/a" if not isinstance(value, (int, float)) or isinstance(value, bool) else f"{value:.4f}"
 
 
+def _mos_formula(scale: dict) -> str:
+    span = scale["hi"] - scale["lo"]
+    if scale["higher_is_better"]:
+        return f"`mos = {scale['lo']:g} + score x {span:g}`"
+    return f"`mos = {scale['hi']:g} - score x {span:g}` (lower is better on this scale)"
+
+
 def model_card(meta: dict, notes: str) -> str:
     """The model card's Markdown from pretrained.json's content and the data notes."""
     recipe, val, crop, scale = meta["recipe"], meta["val"], meta["crop"], meta["scale"]
     label = scale_label(scale, meta["dataset"])
     grid = crop["test_grid"]
-    grid_text = f"{grid[0]}x{grid[1]}" if isinstance(grid, list) else f"{grid} crops"
+    grid_text = f"{grid[0]}x{grid[1]}" if isinstance(grid, (list, tuple)) else f"{grid}-crop"
     recipe_rows = "\n".join(f"| {key} | `{json.dumps(recipe[key])}` |" for key in
                             ("model", "model_options", "epochs", "batch_size", "n_crops", "crop_size", "test_grid",
                              "resize", "lr", "weight_decay", "warmup_epochs", "schedule", "clip_grad",
@@ -129,10 +136,9 @@ model.table(["a.jpg", "b.jpg"])           # a pandas table: path, score, mos, mo
 
 - `score`: the model's own output, in [0, 1] (higher is better): the training scores mapped to [0, 1] by
   `qfm ingest` from the published range [{scale['lo']:g}, {scale['hi']:g}].
-- `mos`: the same score on the training set's scale ({label}): `mos = {scale['lo']:g} + score x
-  {scale['hi'] - scale['lo']:g}`{'' if scale['higher_is_better'] else ' (flipped: lower is better)'}. It reads
-  like the database's mean opinion scores, but it is a prediction, and it is most meaningful for photos like
-  the training photos (see "What it was not trained on").
+- `mos`: the same score on the training set's scale ({label}):
+  {_mos_formula(scale)}. It reads like the database's mean opinion scores, but it is a prediction, and it
+  is most meaningful for photos like the training photos (see "What it was not trained on").
 
 Scores rank images (the model was chosen on Spearman's rank correlation); their absolute level is less
 certain than their order.
