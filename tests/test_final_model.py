@@ -282,3 +282,36 @@ def test_the_shipped_model_is_small_intact_and_scores_offline(no_network, tiny_d
     score = model.score(image)
     assert model.mos(image) == pytest.approx(100 * score)
     assert qfm.load(engine="onnxruntime").score(image) == pytest.approx(score, abs=1e-4)
+
+
+# --- the pipelines -----------------------------------------------------------------------------------------------
+
+def test_the_kubeflow_pipeline_trains_and_gates_a_final_model_on_request():
+    """final_model (off by default) adds train-final after the split's evaluation, and promotes its model
+    through the same two gates, with the carved manifest and the run section whose split is 'final'."""
+    import yaml
+
+    spec = next(yaml.safe_load_all((ROOT / "pipelines" / "qfm_pipeline.yaml").read_text()))
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert inputs["final_model"]["defaultValue"] is False and json.loads(inputs["final"]["defaultValue"]) == {
+        "val_fraction": 0.1, "seed": 2024}
+    branch = spec["root"]["dag"]["tasks"]["condition-2"]
+    assert branch["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--final_model'] == true"
+    assert "evaluate" in branch["dependentTasks"]
+    inner = spec["components"]["comp-condition-2"]["dag"]["tasks"]
+    assert inner["condition-3"]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--train-final-val_srcc'] >= "
+        "inputs.parameter_values['pipelinechannel--min_val_srcc']")
+    promote = spec["components"]["comp-condition-3"]["dag"]["tasks"]["promote-2"]["inputs"]
+    assert promote["artifacts"]["model"]["componentInputArtifact"] == "pipelinechannel--train-final-model"
+    assert promote["artifacts"]["manifest"]["componentInputArtifact"] == "pipelinechannel--train-final-data"
+    assert promote["parameters"]["run"]["componentInputParameter"] == "pipelinechannel--train-final-run"
+
+
+def test_the_dvc_stage_trains_the_final_model_from_params_yaml():
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train_final"]
+    assert stage["cmd"].startswith("qfm train-final --manifest artifacts/ingest --out artifacts/final")
+    assert {"final", "train_student", "train_teacher"} <= set(stage["params"]) and stage["outs"] == ["artifacts/final"]
+    assert load_params(ROOT / "params.yaml")["final"].val_fraction == 0.1
