@@ -140,7 +140,7 @@ def qfm_pipeline(
         step(qc.promote(manifest=manifest, dataset=data, model=student.outputs["model"],
                         evaluation=evaluation.outputs["results"], params=promote, run=run, tracking=tracking),
              cache=False)
-    with dsl.If(final_model == True, name="final-model"):  # noqa: E712 (a KFP condition, not a Python test)
+    with dsl.If(final_model == True, name="final-model"):  # a KFP condition on the parameter, not a Python test
         final_task = gpu(qc.train_final(manifest=manifest, dataset=data, train_teacher=train_teacher,
                                         pseudo_label=pseudo_label, build_bank=build_bank, train_student=train_student,
                                         run=run, final=final, tracking=tracking).after(evaluation))

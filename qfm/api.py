@@ -15,6 +15,7 @@ the same mean. The onnxruntime engine imports no torch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class QualityModel:
                      for i, img in enumerate(chunk)]
             scores = np.asarray(self._scorer(np.concatenate(crops)), dtype=np.float64).reshape(-1)
             bounds = np.cumsum([0] + [len(c) for c in crops])
-            for a, b in zip(bounds[:-1], bounds[1:]):
+            for a, b in pairwise(bounds):
                 means.append(scores[a:b].mean())
                 spreads.append(scores[a:b].std())
         return np.array(means), np.array(spreads)

@@ -255,9 +255,8 @@ def _number(value: float | None) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from qfm.steps.score import score_images, write_scores
-
     from qfm.packaged import model_scale, packaged_model, with_mos
+    from qfm.steps.score import score_images, write_scores
 
     model = args.model if args.model is not None else packaged_model(args.engine)  # the pretrained model
     frame = score_images(model, args.paths, device=args.device or "auto", batch_size=args.batch_size,
