@@ -14,9 +14,10 @@ from components.study_plan import study_plan
 from components.study_report import study_report
 from components.study_row import study_row
 from components.study_units import study_units
+from components.train_final import train_final
 from components.train_student import train_student
 from components.train_teacher import train_teacher
 from components.validate import validate
 
 __all__ = ["build_bank", "evaluate", "ingest", "promote", "pseudo_label", "study_gather", "study_plan", "study_report",
-           "study_row", "study_units", "train_student", "train_teacher", "validate"]
+           "study_row", "study_units", "train_final", "train_student", "train_teacher", "validate"]

@@ -24,7 +24,7 @@ from qfm.config import load_params
 
 PIPELINE_NAME = "qfm-iqm"
 SECTIONS = ("ingest", "splits", "validate", "run", "train_teacher", "pseudo_label", "build_bank", "train_student",
-            "tracking", "promote")
+            "tracking", "promote", "final")
 SHM_SIZE = "2Gi"
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 # Secret key -> environment variable. The required keys must exist in the secret (the pod does not start
@@ -83,6 +83,8 @@ def qfm_pipeline(
     train_student: str = _DEFAULTS["train_student"],
     tracking: str = _DEFAULTS["tracking"],
     promote: str = _DEFAULTS["promote"],
+    final: str = _DEFAULTS["final"],
+    final_model: bool = False,
     min_val_srcc: float = 0.0,
     accelerator_type: str = "nvidia.com/gpu",
     gpu_count: int = 1,
@@ -100,7 +102,11 @@ def qfm_pipeline(
     promote's own gate decides whether it becomes the champion (validation metric against the champion's, on
     the same data). The test figures are reported, never used to decide. gpu_count: GPUs of each GPU step's pod
     (0 or 1). nodes x gpus_per_node: the training steps' GPUs; above 1, a TrainJob owns them and the training
-    pods ask for training_pod_gpus, which must then be 0 (else it is gpu_count; pipelines.submit sets it)."""
+    pods ask for training_pod_gpus, which must then be 0 (else it is gpu_count; pipelines.submit sets it).
+    final_model: also train the model to ship (train-final: the recipe on every labelled image but a validation
+    part carved by the `final` section), after the split's evaluation, and promote it through the same gates
+    (its validation SRCC at least min_val_srcc, then promote's gate on the carved validation part); the split's
+    student is still trained, tested and promoted as the recipe's evidence."""
     def step(task, cache=True):
         return _qfm_step(task, image, s3_secret, mlflow_secret, cache=cache)
 
@@ -134,3 +140,12 @@ def qfm_pipeline(
         step(qc.promote(manifest=manifest, dataset=data, model=student.outputs["model"],
                         evaluation=evaluation.outputs["results"], params=promote, run=run, tracking=tracking),
              cache=False)
+    with dsl.If(final_model == True, name="final-model"):  # a KFP condition on the parameter, not a Python test
+        final_task = gpu(qc.train_final(manifest=manifest, dataset=data, train_teacher=train_teacher,
+                                        pseudo_label=pseudo_label, build_bank=build_bank, train_student=train_student,
+                                        run=run, final=final, tracking=tracking).after(evaluation))
+        with dsl.If(final_task.outputs["val_srcc"] >= min_val_srcc, name="final-val-srcc-at-least-min-val-srcc"):
+            # no test part: its `evaluation` is the training record (promote tags no test figures from it)
+            step(qc.promote(manifest=final_task.outputs["data"], dataset=data, model=final_task.outputs["model"],
+                            evaluation=final_task.outputs["data"], params=promote, run=final_task.outputs["run"],
+                            tracking=tracking), cache=False)

@@ -176,6 +176,27 @@ def cmd_train_student(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_final(args: argparse.Namespace) -> int:
+    from qfm.steps.final import train_final
+
+    params = _sections(args)
+    if args.device:
+        params["run"] = replace(params["run"], device=args.device)
+    record = train_final(args.manifest, args.out, params, val_fraction=args.val_fraction, seed=args.seed,
+                         resume=args.resume, progress=not args.quiet)
+    val = record["val"].get("srcc")
+    print(f"final model: {record['n_train']} training + {record['n_val']} validation images of "
+          f"'{record['dataset']}', {record['chain']}; best epoch {record['best_epoch']} by "
+          f"{record['selected_on']} = {val if val is None else format(val, '.4f')}; {args.out}/best.safetensors, "
+          f"{args.out}/model.onnx, {args.out}/final.json")
+    if args.package:
+        from qfm.steps.package import package_model
+
+        written = package_model(args.out, args.package, card_notes=args.card_notes, command=args.command_line)
+        print(f"packaged into {args.package}: {', '.join(sorted(p.name for p in written))}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from qfm.steps.evaluate import evaluate
 
@@ -234,10 +255,15 @@ def _number(value: float | None) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from qfm.packaged import model_scale, packaged_model, with_mos
     from qfm.steps.score import score_images, write_scores
 
-    frame = score_images(args.model, args.paths, device=args.device or "auto", batch_size=args.batch_size,
+    model = args.model if args.model is not None else packaged_model(args.engine)  # the pretrained model
+    frame = score_images(model, args.paths, device=args.device or "auto", batch_size=args.batch_size,
                          workers=args.workers, progress=not args.quiet, engine=args.engine)
+    scale = model_scale(args.model)  # the training set's score scale, where the model records it
+    if scale is not None:
+        frame = with_mos(frame, *scale)
     written = write_scores(frame, args.out)
     if args.out:
         print(f"scored {int(frame['error'].isna().sum())} images into {written}")
@@ -394,10 +420,13 @@ def _add_training_steps(sub) -> None:
         study.set_defaults(func=cmd_study)
     score = sub.add_parser("score", help="score image files or folders with a trained model",
                            description="Quality scores in [0, 1] (higher = better) by the deterministic multi-crop "
-                                       "test. Unreadable images are listed with their error and make the exit "
-                                       "code 1; none is skipped silently.")
+                                       "test; where the model records its training set's score scale (the "
+                                       "packaged model, a qfm train-final folder), also mos: the score on that "
+                                       "scale, named in the mos_scale column. Unreadable images are listed with "
+                                       "their error and make the exit code 1; none is skipped silently.")
     score.add_argument("paths", nargs="+", help="image files and/or folders")
-    score.add_argument("--model", required=True, help="a trained model folder, its best.safetensors, or a registered model "
+    score.add_argument("--model", help="default: the pretrained model packaged with qfm (qfm/pretrained, see its "
+                                       "MODEL_CARD.md); or a trained model folder, its best.safetensors, or a registered model "
                                                        "models:/NAME@ALIAS (MLflow at $MLFLOW_TRACKING_URI); with "
                                                        "--engine onnxruntime a .onnx file from qfm export, or a "
                                                        "folder holding model.onnx")
@@ -451,6 +480,37 @@ def _add_training_steps(sub) -> None:
 S3_FOLDER_INPUTS = ("manifest", "teacher", "pseudo", "bank", "model", "eval")
 S3_FOLDER_OUT = {"ingest", "demo-data", "train-teacher", "pseudo-label", "build-bank", "train-student", "evaluate",
                  "promote"}
+
+
+def _add_final_step(sub) -> None:
+    final = sub.add_parser(
+        "train-final", help="train the model to ship: the recipe on all labelled images",
+        description="Train the params file's recipe (the train_student section, with the chain its QFM parts "
+                    "need) on all of the manifest's labelled images, except a seeded, content-disjoint "
+                    "validation part used only to choose the epoch (there is no test part: measure a recipe "
+                    "with qfm study first). Writes OUT/data (the manifest with the split column 'final'), "
+                    "OUT/best.safetensors, last.safetensors, history.json, summary.json, model.onnx and "
+                    "final.json. Gate it with qfm promote --model OUT --manifest OUT/data --split final.")
+    final.add_argument("--manifest", required=True, help="folder of manifest.parquet (from qfm ingest)")
+    final.add_argument("--out", required=True, help="output folder")
+    final.add_argument("--val-fraction", type=float,
+                       help="share of the content kept to choose the epoch (default: final.val_fraction, 0.1)")
+    final.add_argument("--seed", type=int, help="seed of the validation carve (default: final.seed, 2024)")
+    final.add_argument("--params", metavar="FILE", help="read parameters from this params.yaml")
+    final.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override one parameter (repeatable), e.g. run.threads=1")
+    final.add_argument("--device", help="auto (CUDA when present), cpu or cuda")
+    final.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoints if they exist")
+    final.add_argument("--package", metavar="DIR",
+                       help="then write the packaged model into DIR (model.safetensors, model.onnx, "
+                            "pretrained.json, MODEL_CARD.md; qfm/pretrained for the model qfm ships)")
+    final.add_argument("--card-notes", metavar="FILE",
+                       help="with --package: a Markdown file about the data (source, licence notice, "
+                            "citation) put into the model card")
+    final.add_argument("--command-line", metavar="TEXT",
+                       help="with --package: the command that rebuilds the package, quoted in the card")
+    final.add_argument("--quiet", action="store_true", help="no progress bars")
+    final.set_defaults(func=cmd_train_final)
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -568,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--params", metavar="FILE", help="read defaults from this params.yaml (flags override)")
     demo.set_defaults(func=cmd_demo_data)
     _add_training_steps(sub)
+    _add_final_step(sub)
     return parser
 
 

@@ -160,6 +160,14 @@ class PromoteParams:
 
 
 @dataclass(frozen=True)
+class FinalParams:
+    """The final model (qfm train-final): the recipe on every labelled image but a carved validation part."""
+
+    val_fraction: float = 0.1           # share of the content kept to choose the epoch (content-disjoint)
+    seed: int = 2024                    # seed of that carve
+
+
+@dataclass(frozen=True)
 class StorageParams:
     """S3 transfers (s3:// dataset roots, step folders, checkpoints). Credentials and region come only from
     the standard AWS settings (environment, ~/.aws, the machine's role), never from this file."""
@@ -183,6 +191,7 @@ SECTIONS: dict[str, type] = {
     "tracking": TrackingParams,
     "promote": PromoteParams,
     "storage": StorageParams,
+    "final": FinalParams,
 }
 
 

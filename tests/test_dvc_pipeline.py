@@ -19,7 +19,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("dvc.yaml", "params.yaml", "data.dvc", ".gitignore", ".dvcignore")
 STAGES = ("demo_data", "ingest", "validate", "train_teacher", "pseudo_label", "build_bank", "train_student",
-          "evaluate", "promote")
+          "evaluate", "promote", "train_final")
 TINY = {"demo": {"n_references": 6, "n_scenes": 0, "n_levels": 2, "pool_levels": 1, "image_size": 128},
         "splits": {"n_splits": 2, "val_fraction": 0.25}, "validate": {"min_width": 96, "min_height": 96},
         "run": {"device": "cpu"}, "pseudo_label": {"workers": 0}, "build_bank": {"workers": 0, "tau": 0.05},
@@ -107,7 +107,8 @@ def test_plots_include_the_training_curves(project):
 
 def test_changing_one_parameter_reruns_only_what_is_downstream(project):
     """A dry run after setting train_student.lambda_qcc (what `dvc exp run -S train_student.lambda_qcc=0` does
-    before it reproduces) plans train_student alone: no upstream stage reads the key. Its new output then
+    before it reproduces) plans train_student (and train_final, which trains the same recipe on all the data)
+    alone: no upstream stage reads the key. Its new output then
     reruns evaluate and promote, which depend on artifacts/student (a dry run cannot show that; run for
     real, the experiment reran exactly those three stages in 34 s, over this file's time budget)."""
     params_file = project["root"] / "params.yaml"
@@ -119,7 +120,7 @@ def test_changing_one_parameter_reruns_only_what_is_downstream(project):
         plan, _ = run(["dvc", "repro", "--dry"], project["root"], project["env"])
     finally:
         params_file.write_text(shipped)
-    assert ran(plan) == ["train_student"]
+    assert ran(plan) == ["train_student", "train_final"]  # the final model reads the student's section too
     lock = yaml.safe_load((project["root"] / "dvc.lock").read_text())["stages"]
     assert all("artifacts/student" in [d["path"] for d in lock[s]["deps"]] for s in ("evaluate", "promote"))
 
