@@ -148,7 +148,7 @@ def load(model: str | Path | None = None, *, engine: str = "torch", device: str 
     a best.safetensors, a registered model (models:/NAME@ALIAS; torch) or a .onnx export (onnxruntime).
     engine: 'torch' or 'onnxruntime' (CPU, no torch imported). device: the torch engine's ('auto', 'cpu',
     'cuda')."""
-    from qfm.steps.score import load_engine_model
+    from qfm.inference import load_engine_model
 
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine '{engine}'; known engines: {', '.join(ENGINES)}")

@@ -32,7 +32,6 @@ from typing import Self
 
 import pandas as pd
 
-import qfm
 from qfm.data.manifest import read_manifest
 from qfm.errors import ConfigError, QfmError
 
@@ -57,7 +56,7 @@ class CodeChangedError(QfmError):
 # Code ------------------------------------------------------------------------------------------------------
 
 def _package_dir(package_dir: str | Path | None) -> Path:
-    return Path(package_dir) if package_dir is not None else Path(qfm.__file__).parent
+    return Path(package_dir) if package_dir is not None else Path(__file__).resolve().parents[1]
 
 
 def _module_file(name: str, package_dir: Path) -> Path | None:
