@@ -8,6 +8,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,6 +19,7 @@ from qfm.errors import ConfigError
 from qfm.version import commit_image, git_commit, keyed_image, version_string
 
 A = "0123456789abcdef0123456789abcdef01234567"
+REPO = Path(__file__).resolve().parents[1]
 B = "fedcba9876543210fedcba9876543210fedcba98"
 
 
@@ -106,7 +108,6 @@ def test_version_names_the_commit(monkeypatch):
     monkeypatch.delenv("QFM_GIT_COMMIT")
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert git_commit() in (head, head + "-dirty")
-    shown = subprocess.run([sys.executable, "-m", "qfm", "--version"], capture_output=True, text=True, timeout=120,
-                           env={"QFM_GIT_COMMIT": A, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__(
-                               "pathlib").Path(__file__).resolve().parents[1])})
+    shown = subprocess.run([sys.executable, "-m", "qfm", "--version"], check=False, capture_output=True, text=True,
+                           timeout=120, env={"QFM_GIT_COMMIT": A, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
     assert shown.returncode == 0 and shown.stdout.strip() == f"qfm 0.1.0 (commit {A})"
