@@ -15,6 +15,7 @@ that placeholder is replaced by the image of the run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 
@@ -61,8 +62,16 @@ def project_image_steps(image: str) -> Iterator[None]:
     original = docker_task_handler.DockerTaskHandler
 
     class ProjectImageTaskHandler(original):
+        """The run's image for a parameterised one; the spec's command replaces the image's ENTRYPOINT (qfm)
+        as a Kubernetes container `command` does (the Docker API's `command` would only replace CMD)."""
+
         def __init__(self, image: str, *args, **kwargs) -> None:
             super().__init__(*args, image=run_image if image.startswith(_PLACEHOLDER) else image, **kwargs)
+            if self.full_command and "entrypoint" not in self.runner.container_run_args:
+                self.runner = copy.copy(self.runner)
+                self.runner.container_run_args = {**self.runner.container_run_args,
+                                                  "entrypoint": [self.full_command[0]]}
+                self.full_command = list(self.full_command[1:])
 
     run_image = image
     docker_task_handler.DockerTaskHandler = ProjectImageTaskHandler

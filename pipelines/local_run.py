@@ -59,19 +59,25 @@ def run_local(params: dict, dataset: Path, out: str | Path, min_val_srcc: float 
 
 
 def dataset_under(dataset: Path, out: str | Path) -> Path:
-    """`dataset` if it lies under `out`, else a copy of it in OUT/datasets/<name> (made once): kfp.local's
-    DockerRunner mounts only the pipeline root into the containers."""
+    """`dataset` if it lies under `out`, else a fresh copy of it in OUT/datasets/<name> (hard links where the
+    file system allows, so no second copy of the images): kfp.local's DockerRunner mounts only the pipeline
+    root into the containers."""
+    import os
     import shutil
 
     out, dataset = Path(out).resolve(), Path(dataset).resolve()
     if dataset.is_relative_to(out):
         return dataset
     copy = out / "datasets" / dataset.name
-    if not copy.is_dir():
-        partial = copy.with_name(copy.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(dataset, partial)
-        partial.rename(copy)
+
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(dataset, copy, copy_function=link_or_copy)
     return copy
 
 
