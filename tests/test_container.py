@@ -2,7 +2,7 @@
 step in the image (kfp.local's DockerRunner through podman's Docker API) against MLflow and S3 on the host,
 with the SubprocessRunner's test metrics, and the image scores the demo images as this environment does.
 
-Opt-in, being heavy: QFM_CONTAINER_TESTS=1 (needs podman, or a Docker daemon, that can run containers; the
+Opt-in, being heavy: QFM_CONTAINER_TESTS=1 (needs podman able to run containers; the
 first build downloads and installs several GB: see the README section "Run on Kubeflow").
 QFM_CONTAINER_IMAGE=NAME:TAG runs an image already built instead of running scripts/build_image.sh.
 """
@@ -125,19 +125,32 @@ def runs(image, docker_host, engine, moto_s3, tiny_demo, tmp_path_factory) -> di
                 env.setenv("DOCKER_HOST", docker_host)
                 env.delenv("QFM_GIT_COMMIT", raising=False)
                 env.chdir(root)
-                since = time.strftime("%Y-%m-%dT%H:%M:%S")
+                since = int(time.time())
                 started = time.perf_counter()
                 run_dir = run_local(params, tiny_demo.parent / "demo", root / f"kfp-{runner}",
                                     docker_image=image if runner == "docker" else None)
                 seconds = time.perf_counter() - started
         finally:
             stop(proc)
-        events = podman(engine, "events", "--since", since, "--until", time.strftime("%Y-%m-%dT%H:%M:%S"),
-                        "--filter", "event=start", "--format", "{{.Image}}", timeout=120).stdout.split()
-        results[runner] = {"run_dir": run_dir, "seconds": seconds, "containers": events,
-                           "mlflow": root / f"mlflow-{runner}"}
+        results[runner] = {"run_dir": run_dir, "seconds": seconds, "mlflow": root / f"mlflow-{runner}",
+                           "containers": _started_containers(engine, since, int(time.time()) + 1)}
         print(f"{runner} runner: the tiny demo DAG in {seconds:.0f} s")
     return results
+
+
+def _started_containers(engine: dict[str, str], since: int, until: int) -> list[str]:
+    """The images of the containers the engine started from `since` to `until` (Unix seconds); podman 4.3's
+    `events --until` returns nothing with the file event logger, so the end is applied here."""
+    from datetime import UTC, datetime
+
+    lines = podman(engine, "events", "--stream=false", "--since", str(since), "--filter", "event=start",
+                   "--format", "{{.Time}}|{{.Image}}", timeout=120).stdout.splitlines()
+    started = []
+    for line in lines:
+        when, _, image = line.partition("|")
+        if datetime.strptime(when[:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC).timestamp() <= until:
+            started.append(image)
+    return started
 
 
 def _metrics(run_dir: Path) -> dict:
