@@ -5,6 +5,8 @@
 #       docker build -t REGISTRY/qfm:0.1.0-cuda --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
 #   CPU:  torch and torchvision from PyTorch's CPU index (a matched pair, much smaller)
 #       docker build -t REGISTRY/qfm:0.1.0-cpu --build-arg VARIANT=cpu --build-arg GIT_COMMIT=$(git rev-parse HEAD) .
+# Without a registry or PyPI: scripts/build_image.sh builds an offline base (PYTHON_IMAGE) and installs from a
+# wheel folder made on the host, mounted into the build (PIP_NO_INDEX=1, PIP_FIND_LINKS=/wheels).
 # Layers: the dependencies (from pyproject.toml + constraints.txt) first, the code last, so a code change
 # rebuilds only the final, small layers. Runs as root: the KFP launcher writes artifacts under /s3, /minio.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -12,6 +14,9 @@ FROM ${PYTHON_IMAGE}
 
 ARG VARIANT=cuda
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+# Unset unless given (build arguments, not kept in the image's environment): pip reads them as PIP_* variables.
+ARG PIP_NO_INDEX
+ARG PIP_FIND_LINKS
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -36,7 +41,9 @@ COPY README.md ./
 COPY qfm ./qfm
 RUN pip install --no-deps . && qfm --help > /dev/null
 
+# The commit the image was built from (`qfm --version` names it): last, so a new commit rebuilds no other layer.
 ARG GIT_COMMIT=unknown
 ENV QFM_GIT_COMMIT=${GIT_COMMIT}
+LABEL org.opencontainers.image.revision=${GIT_COMMIT}
 ENTRYPOINT ["qfm"]
 CMD ["--help"]

@@ -3,6 +3,7 @@ components and DAG as on a cluster, each step a subprocess of the current Python
 
     python -m pipelines.local_run [--params params.yaml] [--set SECTION.KEY=VALUE ...] [--out DIR]
     python -m pipelines.local_run --study [--rows ROWS.yaml] [--splits split_0,split_1] [...]
+    python -m pipelines.local_run --docker IMAGE [...]   # every step in the project image (DockerRunner)
 
 The dataset is `--dataset` or params' ingest.root; with ingest.format 'demo' a missing folder is made with
 the built-in demo. Outputs land under OUT/qfm-iqm-<time>/<step>/<output>; platform settings (GPUs, secrets,
@@ -10,6 +11,8 @@ volumes) are ignored locally, and the steps read MLflow settings from this proce
 `--study` runs the study pipeline (pipelines/qfm_study_pipeline.py) instead: its ParallelFor loops run
 here too (kfp.local runs at most two iterations at a time); the report lands under
 OUT/qfm-study-<time>/study-report/.
+`--docker IMAGE` runs each step in IMAGE with kfp.local's DockerRunner through the Docker API at DOCKER_HOST
+(pipelines/docker_runner.py); the dataset is copied under OUT first (the one folder the containers see).
 """
 
 import argparse
@@ -41,12 +44,41 @@ def prepare_dataset(params: dict, dataset: str | Path | None) -> Path:
     raise DataError(f"dataset folder {path} does not exist: pass --dataset DIR or set ingest.root in the params file")
 
 
-def run_local(params: dict, dataset: Path, out: str | Path, min_val_srcc: float = 0.0) -> Path:
-    """Run the pipeline under kfp.local; returns the run's folder (one subfolder per step)."""
+def run_local(params: dict, dataset: Path, out: str | Path, min_val_srcc: float = 0.0,
+              docker_image: str | None = None) -> Path:
+    """Run the pipeline under kfp.local; returns the run's folder (one subfolder per step). With
+    `docker_image`, every step runs in that image (DockerRunner), else as a subprocess of this environment."""
     from pipelines.qfm_pipeline import PIPELINE_NAME, qfm_pipeline, section_arguments
 
-    return _run(qfm_pipeline, PIPELINE_NAME, out, dataset_uri=str(dataset), min_val_srcc=min_val_srcc,
-                **section_arguments(params))
+    arguments = section_arguments(params)
+    if docker_image is not None:
+        dataset = dataset_under(dataset, out)
+        arguments["image"] = docker_image
+    return _run(qfm_pipeline, PIPELINE_NAME, out, docker_image=docker_image, dataset_uri=str(dataset),
+                min_val_srcc=min_val_srcc, **arguments)
+
+
+def dataset_under(dataset: Path, out: str | Path) -> Path:
+    """`dataset` if it lies under `out`, else a fresh copy of it in OUT/datasets/<name> (hard links where the
+    file system allows, so no second copy of the images): kfp.local's DockerRunner mounts only the pipeline
+    root into the containers."""
+    import os
+    import shutil
+
+    out, dataset = Path(out).resolve(), Path(dataset).resolve()
+    if dataset.is_relative_to(out):
+        return dataset
+    copy = out / "datasets" / dataset.name
+
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(dataset, copy, copy_function=link_or_copy)
+    return copy
 
 
 def run_study_local(params: dict, dataset: Path, out: str | Path, rows_file: str | Path | None = None,
@@ -59,16 +91,25 @@ def run_study_local(params: dict, dataset: Path, out: str | Path, rows_file: str
     return _run(qfm_study_pipeline, STUDY_PIPELINE_NAME, out, dataset_uri=str(dataset), **arguments)
 
 
-def _run(pipeline, name: str, out: str | Path, **arguments) -> Path:
+def _run(pipeline, name: str, out: str | Path, docker_image: str | None = None, **arguments) -> Path:
+    import contextlib
+
     from kfp import local
+
+    from pipelines.docker_runner import check_engine, docker_runner, project_image_steps
 
     out = Path(out).resolve()
     before = set(out.glob(f"{name}-*")) if out.is_dir() else set()
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(out), raise_on_error=True)
     previous = os.environ.get(PIPELINE_ENV)  # the steps (subprocesses) share one MLflow pipeline-run tag
     os.environ[PIPELINE_ENV] = previous or f"kfp-local-{time.strftime('%Y%m%d-%H%M%S')}"
+    if docker_image is None:
+        runner, steps = local.SubprocessRunner(use_venv=False), contextlib.nullcontext()
+    else:
+        check_engine()
+        runner, steps = docker_runner(), project_image_steps(docker_image)
+    local.init(runner=runner, pipeline_root=str(out), raise_on_error=True)
     try:
-        with warnings.catch_warnings():  # the image is the project image, i.e. this very environment
+        with warnings.catch_warnings(), steps:  # the image is the project image, i.e. this very environment
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
             pipeline(**arguments)
     except RuntimeError as exc:  # kfp.local: a task failed; its log (with qfm's message) is printed above
@@ -93,12 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"local pipeline root (default {DEFAULT_OUT})")
     parser.add_argument("--min-val-srcc", type=float, default=0.0,
                         help="register the student only at this validation SRCC or above")
+    parser.add_argument("--docker", metavar="IMAGE",
+                        help="run every step in IMAGE through the Docker API at DOCKER_HOST (kfp.local's "
+                             "DockerRunner), e.g. localhost/qfm:0.1.0-cuda-<commit> from scripts/build_image.sh")
     parser.add_argument("--study", action="store_true", help="run the study pipeline (rows compared by pairs)")
     parser.add_argument("--rows", help="with --study: rows file (default: baseline and qfm), as for `qfm study`")
     parser.add_argument("--splits", help="with --study: comma-separated split columns (default: all)")
     args = parser.parse_args(argv)
     if (args.rows or args.splits) and not args.study:
         parser.error("--rows and --splits belong to the study pipeline: add --study")
+    if args.docker and args.study:
+        parser.error("--docker runs the training pipeline; the study pipeline runs only as subprocesses here")
     try:
         params = load_params(args.params, overrides=args.set)
         dataset = prepare_dataset(params, args.dataset)
@@ -107,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = run_study_local(params, dataset, args.out, args.rows,
                                       args.splits.split(",") if args.splits else [])
         else:
-            run_dir = run_local(params, dataset, args.out, args.min_val_srcc)
+            run_dir = run_local(params, dataset, args.out, args.min_val_srcc, docker_image=args.docker)
     except QfmError as exc:
         print(f"pipelines.local_run: error: {exc}", file=sys.stderr)
         return 2

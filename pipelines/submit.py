@@ -83,6 +83,7 @@ def build_submission(args: argparse.Namespace) -> Submission:
     from pipelines.qfm_pipeline import qfm_pipeline, section_arguments
     from pipelines.qfm_study_pipeline import qfm_study_pipeline, study_arguments
     from qfm.config import load_params
+    from qfm.version import keyed_image
 
     if (args.rows or args.splits) and not args.study:
         raise ConfigError("--rows and --splits belong to the study pipeline: add --study")
@@ -95,7 +96,7 @@ def build_submission(args: argparse.Namespace) -> Submission:
         raise ConfigError("--image is empty: give the pushed project image, e.g. registry.example.com/qfm:0.1.0-cuda")
     arguments = {
         "dataset_uri": _remote_uri("--dataset-uri", args.dataset_uri),
-        "image": args.image.strip(),
+        "image": keyed_image(args.image),  # KFP's cache key includes it: a new commit, a new key
         "accelerator_type": args.accelerator_type,
         "gpu_count": args.gpu_count,
         "gpu_node_selector": _json_option("--node-selector", args.node_selector, dict),
@@ -179,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
     parser.add_argument("--dataset-uri", required=True, help="the dataset release in object storage, s3://...")
     parser.add_argument("--pipeline-root", required=True, help="where the run's artifacts go, s3://bucket/prefix")
-    parser.add_argument("--image", required=True, help="the pushed project image, e.g. REGISTRY/qfm:0.1.0-cuda")
+    parser.add_argument("--image", required=True, help="the pushed project image, e.g. REGISTRY/qfm:0.1.0-cuda: used as "
+                        "REGISTRY/qfm:0.1.0-cuda-<commit12> of this checkout (scripts/build_image.sh's tag), unless "
+                        "it names a commit already or is pinned by digest (@sha256:...)")
     parser.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one parameter (repeatable), e.g. train_student.epochs=20")

@@ -566,12 +566,26 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
+class _VersionAction(argparse.Action):
+    """--version: the package version and the commit, looked up only when asked (git runs outside the image)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from qfm.version import version_string
+
+        print(version_string())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qfm",
         description="QFM-IQM: train, evaluate, register and serve a no-reference image quality model. "
                     "Each subcommand is one pipeline step; `qfm STEP --help` explains it.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="show the package version and the git commit of this code, and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STEP")
 
     ingest = sub.add_parser(
