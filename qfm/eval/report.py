@@ -173,7 +173,7 @@ def paired_differences_plot(path_png: str | Path, study: Mapping) -> Path:
     ax.set_ylim(-0.7, len(compared) - 0.3)
     ax.set_xlabel(f"test SRCC minus '{study['reference']}', same splits")
     ax.set_title(f"Paired differences over {len(study['splits'])} splits: per split (dots), mean (diamond)\n95% CI: "
-                 "corrected resampled t (thick, headline), plain t (thin, above), bootstrap (dashed, below)",
+                 "corrected resampled t (thick, headline), plain t (thin), bootstrap (dashed)",
                  fontsize=8)
     fig.tight_layout()
     return _save(fig, path_png)
