@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from qfm.errors import ConfigError
-from qfm.eval.paired import (HEADLINE, corrected_t_interval, image_bootstrap, paired_differences, t_interval,
-                             wilcoxon_exact)
+from qfm.eval.paired import (
+    HEADLINE,
+    corrected_t_interval,
+    image_bootstrap,
+    paired_differences,
+    t_interval,
+    wilcoxon_exact,
+)
 
 # The committed clive-dev studies' parts: 80 test images over 280 labelled train images per split.
 RATIO = 80 / 280

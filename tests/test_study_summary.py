@@ -78,7 +78,7 @@ def test_study_summary_recomputes_an_older_study_json_keeping_its_stored_image_b
     old = summarize(ROWS, "baseline", _per_split(runs, n_train=None), None)
     stored = {e["row"]: e.get("vs_reference", {}).get("image_bootstrap") for e in old["rows"]}
     for entry in old["rows"]:  # as an older study.json: no corrected interval recorded
-        for key, value in entry.get("vs_reference", {}).items():
+        for value in entry.get("vs_reference", {}).values():
             if isinstance(value, dict):
                 value.pop("ci_corrected", None)
     old |= {"splits": SPLITS, "context": {"code": "c0de"}, "wall_seconds": 12.0}
@@ -120,7 +120,7 @@ def test_the_study_report_component_logs_the_headline_interval(tmp_path):
         folder = tmp_path / split
         folder.mkdir()
         rows = {row: _result(folder, split, row, i) for row in ("baseline", "qcc")}
-        for row, result in rows.items():
+        for result in rows.values():
             result["predictions"] = Path(result["predictions"]).name
         (folder / "split.json").write_text(json.dumps({"split": split, "rows": rows}))
         gathered.append(Dataset(name=split, uri=str(folder)))

@@ -312,14 +312,16 @@ def part_sizes(per_split: Mapping[str, Mapping[str, dict]], reference: str) -> d
     Pseudo-labelled copies a DLE student also trains on are made from those same images, not new draws,
     and validation images only choose the epoch, so neither counts.
     """
+    def first(done: list[dict], get: Callable[[dict], int | None]) -> int | None:
+        return next((v for v in map(get, done) if v is not None), None)
+
     sizes = {}
     for split, results in per_split.items():
         done = [results[reference]] if "test" in results.get(reference, {}) else []
         done += [r for r in results.values() if "test" in r]
-        first = lambda get: next((v for v in map(get, done) if v is not None), None)  # noqa: E731
-        sizes[split] = {"train": first(lambda r: _positive_int(r.get("n_train"))),
-                        "val": first(lambda r: _positive_int(r.get("val", {}).get("n"))),
-                        "test": first(lambda r: _positive_int(r["test"].get("n")))}
+        sizes[split] = {"train": first(done, lambda r: _positive_int(r.get("n_train"))),
+                        "val": first(done, lambda r: _positive_int(r.get("val", {}).get("n"))),
+                        "test": first(done, lambda r: _positive_int(r["test"].get("n")))}
     return sizes
 
 
@@ -459,21 +461,15 @@ def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> di
                 entry["vs_reference"]["image_bootstrap"] = stored[entry["row"]]
     kept = {k: v for k, v in old.items() if k not in study and k != "resummarized"}
     study |= kept
-    study["resummarized"] = {"code": _summary_code(), "train_images": train_images,
-                             "image_bootstrap": "recomputed" if images else
-                             "stored: as the study's own code computed it (its predictions.csv files were not found)"}
+    how = "recomputed"
+    if not images:
+        how = "stored, as the study's own code computed it (its predictions.csv files were not found)"
+        kept_boots = [b for boots in stored.values() if boots for b in boots.values()]
+        if any("n_degenerate" not in b for b in kept_boots):
+            how += "; that code scored a degenerate draw as a zero difference instead of dropping it"
+    study["resummarized"] = {"command": "qfm study-summary", "train_images": train_images, "image_bootstrap": how}
     write_study(study_dir, study)
     return study
-
-
-def _summary_code() -> str:
-    """A digest of the statistics code that summarized (qfm/eval/paired.py and this module)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for file in (Path(__file__).parents[1] / "eval" / "paired.py", Path(__file__)):
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -512,15 +508,15 @@ def study_markdown(study: dict) -> str:
     ranked_on = study.get("ranked_on_splits", study["splits"])
     headline = study.get("headline", HEADLINE)
     lines = [f"# Study: {len(study['rows'])} rows on {n} splits ({', '.join(study['splits'])})", "",
-             f"Reference row: `{ref}`. Best row by median validation SRCC over the splits every ranked row "
-             f"finished ({', '.join(ranked_on) or 'none'}): `{best}` (chosen on validation only)."]
+             (f"Reference row: `{ref}`. Best row by median validation SRCC over the splits every ranked row "
+              f"finished ({', '.join(ranked_on) or 'none'}): `{best}` (chosen on validation only).")]
     if study.get("not_ranked"):
         lines.append(f"Not ranked (no finished split): {', '.join(f'`{r}`' for r in study['not_ranked'])}.")
-    lines += ["", f"Headline interval: **{headline}** (Nadeau and Bengio 2003): mean ± t(n-1) · sqrt((1/n + "
-              "n_test/n_train) · s²), n_train the labelled train images each model was fitted on. Resampled "
-              "splits share most of their training images, so the plain t-interval (independent splits) is too "
-              f"narrow; the bootstrap over splits is descriptive below {BOOTSTRAP_MIN_SPLITS} splits. "
-              + _sizes_line(study),
+    lines += ["", (f"Headline interval: **{headline}** (Nadeau and Bengio 2003): mean ± t(n-1) · sqrt((1/n + "
+                   "n_test/n_train) · s²), n_train the labelled train images each model was fitted on. Resampled "
+                   "splits share most of their training images, so the plain t-interval (independent splits) is "
+                   f"too narrow; the bootstrap over splits is descriptive below {BOOTSTRAP_MIN_SPLITS} splits. "
+                   + _sizes_line(study)),
               "", "## Each row (median over splits; mean ± std of test SRCC)", "",
               "| row | splits | val SRCC | test SRCC | test PLCC raw | test PLCC fitted | test SRCC mean ± std |",
               "|---|---|---|---|---|---|---|"]
@@ -560,7 +556,7 @@ def study_markdown(study: dict) -> str:
     again = study.get("resummarized")
     if again:
         lines += ["", "Statistics recomputed from the recorded per-split figures (`qfm study-summary OUT"
-                  + (f" --train-images {again['train_images']}" if again.get("train_images") else "") + "`), "
-                  f"statistics code {again['code']}; per-image bootstrap: {again['image_bootstrap']}."]
+                  + (f" --train-images {again['train_images']}" if again.get("train_images") else "") + "`); "
+                  f"per-image bootstrap: {again['image_bootstrap']}."]
     lines.append("")
     return "\n".join(lines)
