@@ -97,6 +97,9 @@ def test_study_summary_recomputes_an_older_study_json_keeping_its_stored_image_b
     assert again["per_split"] == old["per_split"] and again["part_sizes"]["split_0"]["train"] == 280
     assert "corrected resampled t, 95% [" in printed
     assert "`qfm study-summary OUT --train-images 280`" in (study_dir / "study.md").read_text()
+    first = (study_dir / "study.json").read_text()
+    resummarize(study_dir)  # again without the flag: the sizes of the first re-summary are kept
+    assert json.loads((study_dir / "study.json").read_text())["rows"] == json.loads(first)["rows"]
     data = json.loads((study_dir / "study.json").read_text())
     data["per_split"]["split_0"]["qcc"]["n_train"] = 280
     (study_dir / "study.json").write_text(json.dumps(data))

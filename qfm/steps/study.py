@@ -415,7 +415,8 @@ def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> di
     and rewrite study.json, study.md and the plot.
 
     ``train_images``: the labelled train images per split, for a study.json written before the results
-    recorded ``n_train`` (a recorded size that differs is refused). The per-image bootstrap is recomputed
+    recorded ``n_train`` (a recorded size that differs is refused; without it, the train sizes of an earlier
+    re-summary's ``part_sizes`` are used). The per-image bootstrap is recomputed
     when every predictions.csv is found (as recorded, or relative to the study folder); otherwise the stored
     per-image bootstrap is kept as it was, and ``resummarized.image_bootstrap`` says so.
     """
@@ -435,8 +436,9 @@ def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> di
             if "test" not in result:
                 continue
             recorded = _positive_int(result.get("n_train"))
-            if recorded is None and train_images is not None:
-                result["n_train"] = train_images
+            summarized = _positive_int((old.get("part_sizes") or {}).get(split, {}).get("train"))
+            if recorded is None and (train_images or summarized):  # given now, or at an earlier re-summary
+                result["n_train"] = train_images or summarized
             elif recorded is not None and train_images is not None and recorded != train_images:
                 raise ConfigError(f"{path}: row '{name}' on {split} records n_train {recorded}, not --train-images "
                                   f"{train_images}; leave --train-images out")
