@@ -231,22 +231,40 @@ def cmd_study(args: argparse.Namespace) -> int:
               "(split, row, unit, epoch chosen and its val SRCC, test SRCC, seconds)", flush=True)
     study = run_study(args.manifest, args.out, splits, rows_file=getattr(args, "rows", None), params_file=args.params,
                       overrides=args.set or [], jobs=args.jobs, units_dir=args.units, progress=not args.quiet)
-    for entry in study["rows"]:
-        test, val = entry["test_srcc"], entry["val_srcc"]
-        line = (f"{entry['row']}: test SRCC median {_number(test['median'])} (mean {_number(test['mean'])}), "
-                f"val SRCC median {_number(val['median'])} over {len(entry['splits_done'])} split(s)")
-        vs = entry.get("vs_reference", {}).get("test_srcc")
-        if vs and vs["n"]:
-            ci = vs["ci_t"] or vs["ci_bootstrap"]
-            line += (f"; vs {study['reference']}: {vs['mean']:+.4f} mean difference" +
-                     (f", 95% t-interval [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""))
-        print(line)
+    _print_study_rows(study)
     print(f"best row by median val SRCC: {study['best_row_by_val']}; {args.out}/study.md, study.json, "
           f"study_differences.png ({study['wall_seconds']} s)")
     failed = [(e["row"], s) for e in study["rows"] for s in e["errors"]]
     if failed:
         print(f"qfm study: {len(failed)} row/split run(s) failed (see study.md): {failed}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_study_rows(study: dict) -> None:
+    """One line per row: its medians and, against the reference, the mean test SRCC difference with the
+    headline interval (corrected resampled t, 95%)."""
+    from qfm.eval.paired import HEADLINE
+
+    for entry in study["rows"]:
+        test, val = entry["test_srcc"], entry["val_srcc"]
+        line = (f"{entry['row']}: test SRCC median {_number(test['median'])} (mean {_number(test['mean'])}), "
+                f"val SRCC median {_number(val['median'])} over {len(entry['splits_done'])} split(s)")
+        vs = entry.get("vs_reference", {}).get("test_srcc")
+        if vs and vs["n"]:
+            ci = vs.get("ci_corrected")
+            line += (f"; vs {study['reference']}: {vs['mean']:+.4f} mean difference, " +
+                     (f"{HEADLINE} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"{HEADLINE}: n/a (part sizes unknown)"))
+        print(line)
+
+
+def cmd_study_summary(args: argparse.Namespace) -> int:
+    from qfm.steps.study import resummarize
+
+    study = resummarize(args.study, train_images=args.train_images)
+    _print_study_rows(study)
+    print(f"best row by median val SRCC: {study['best_row_by_val']}; rewrote {args.study}/study.json, study.md, "
+          f"study_differences.png (per-image bootstrap: {study['resummarized']['image_bootstrap']})")
     return 0
 
 
@@ -418,6 +436,16 @@ def _add_training_steps(sub) -> None:
                                                                 "(torch threads split between them)")
         study.add_argument("--quiet", action="store_true", help="no progress lines")
         study.set_defaults(func=cmd_study)
+    summary = sub.add_parser("study-summary", help="recompute a finished study's statistics from its study.json",
+                             description="Recompute the paired statistics of a `qfm study` output folder from the "
+                                         "per-split figures its study.json recorded (no training), and rewrite "
+                                         "study.json, study.md and study_differences.png there. The per-image "
+                                         "bootstrap is recomputed when the predictions.csv files are found, else "
+                                         "kept as stored.")
+    summary.add_argument("study", help="the folder `qfm study --out` wrote (holds study.json)")
+    summary.add_argument("--train-images", type=int, help="labelled train images per split, for a study.json "
+                                                          "whose results do not record n_train (older studies)")
+    summary.set_defaults(func=cmd_study_summary)
     score = sub.add_parser("score", help="score image files or folders with a trained model",
                            description="Quality scores in [0, 1] (higher = better) by the deterministic multi-crop "
                                        "test; where the model records its training set's score scale (the "

@@ -64,10 +64,16 @@ def test_study_writes_the_paired_table_intervals_and_plot(first_study):
                  for s in ("split_0", "split_1")]
     assert vs["n"] == 2 and np.allclose(vs["differences"], per_split)
     assert vs["ci_t"][0] <= vs["mean"] <= vs["ci_t"][1] and len(vs["ci_bootstrap"]) == 2
+    sizes = saved["part_sizes"]["split_0"]  # the images the models were fitted on / tested on, from the units
+    assert sizes["train"] > 0 and sizes["test"] == saved["per_split"]["split_0"]["baseline"]["test"]["n"]
+    ratio = np.mean([saved["part_sizes"][s]["test"] / saved["part_sizes"][s]["train"] for s in ("split_0", "split_1")])
+    half = 12.706204736174705 * np.sqrt((1 / 2 + ratio) * np.var(per_split, ddof=1))  # t(0.975, 1)
+    assert vs["ci_corrected"] == pytest.approx([np.mean(per_split) - half, np.mean(per_split) + half])
     assert rows["qcc"]["vs_reference"]["image_bootstrap"]["srcc"]["n_images"] > 0
     assert saved["best_row_by_val"] == max(rows, key=lambda r: rows[r]["val_srcc"]["median"])
     markdown = (run / "study.md").read_text()
-    for text in ("| qcc | test SRCC | 2 |", "95% CI t", "Wilcoxon p", "test PLCC fitted", "PLCC raw",
+    for text in ("| qcc | test SRCC | 2 |", "95% CI corrected resampled t (headline)", "95% CI plain t",
+                 "Wilcoxon p (exact)", "test PLCC fitted", "PLCC raw",
                  "chosen on validation only"):
         assert text in markdown, text
 

@@ -243,7 +243,8 @@ def test_local_run_publishes_the_paired_study(local_study):
     logged = _executor_output(report)["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert logged["failed_runs"] == 0 and _executor_output(report)["parameterValues"]["Output"] == 0
     assert logged["qcc_test_srcc_diff_mean"] == pytest.approx(vs["mean"])
-    assert [logged["qcc_test_srcc_diff_ci_low"], logged["qcc_test_srcc_diff_ci_high"]] == pytest.approx(vs["ci_t"])
+    assert [logged["qcc_test_srcc_diff_ci_corrected_low"],
+            logged["qcc_test_srcc_diff_ci_corrected_high"]] == pytest.approx(vs["ci_corrected"])
     for name, entry in rows.items():
         assert logged[f"{name}_test_srcc_median"] == pytest.approx(entry["test_srcc"]["median"])
         assert logged[f"{name}_val_srcc_median"] == pytest.approx(entry["val_srcc"]["median"])

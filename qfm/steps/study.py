@@ -8,8 +8,9 @@ one pool, one bank per bank setting; a plain row whose recipe equals the teacher
 rerun recomputes only what changed.
 
 Every row is compared with the reference row on the same splits (qfm.eval.paired); the best row is the one
-with the best median validation SRCC, never chosen on test. Outputs: study.json, study.md and
-study_differences.png.
+with the best median validation SRCC over the splits every row finished, never chosen on test. The headline
+interval of a difference is the corrected resampled t-interval (qfm.eval.paired). Outputs: study.json,
+study.md and study_differences.png; resummarize recomputes them from a study.json's per-split figures.
 
 The Kubeflow study pipeline (pipelines/qfm_study_pipeline.py) calls the same pieces one by one: shared_units
 per split, run_row_safely per split and row, then summarize and write_study.
@@ -34,7 +35,7 @@ import yaml
 from qfm.config import PseudoLabelParams, StudentParams, TrainParams, load_params
 from qfm.data.manifest import read_manifest
 from qfm.errors import ConfigError, QfmError
-from qfm.eval.paired import image_bootstrap, paired_differences
+from qfm.eval.paired import BOOTSTRAP_MIN_SPLITS, HEADLINE, image_bootstrap, paired_differences
 from qfm.eval.report import paired_differences_plot
 from qfm.runtime import available_cores, set_threads
 from qfm.steps.bank import build_bank
@@ -255,7 +256,8 @@ def run_row(units: UnitStore, manifest_dir: str | Path, params: dict, split: str
     model, test = done["model"], done["test"]
     chain = {kind: unit.key for kind, unit in shared.items()} | {"model": model.key}
     return {"units": chain, "best_epoch": model.result["best_epoch"], "val": model.result["val"],
-            "test": test.result, "predictions": str(test.path / "predictions.csv")}
+            "test": test.result, "predictions": str(test.path / "predictions.csv"),
+            "n_train": model.result.get("n_train", model.result.get("n_labelled"))}
 
 
 def _progress_line(split: str, row: str, unit) -> str:
@@ -372,10 +374,51 @@ def _predictions(result: dict) -> pd.DataFrame:
     return pd.read_csv(result["predictions"]).set_index("image_id")
 
 
-def summarize(rows: list[Row], reference: str, per_split: Mapping[str, Mapping[str, dict]], params: dict) -> dict:
+def _positive_int(value: object) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+
+def part_sizes(per_split: Mapping[str, Mapping[str, dict]], reference: str) -> dict[str, dict]:
+    """Per split, the number of images the models were fitted on ('train'), selected on ('val') and tested
+    on ('test'), from the reference's result (else any finished row's); None where a result lacks it.
+
+    'train' is the split's labelled train part (a result's ``n_train``: the teacher's or plain row's train
+    set, a student's labelled images). That is what the corrected resampled t-interval needs: the images
+    drawn from the population that a model was fitted on, which overlap between resampled splits.
+    Pseudo-labelled copies a DLE student also trains on are made from those same images, not new draws,
+    and validation images only choose the epoch, so neither counts.
+    """
+    def first(done: list[dict], get: Callable[[dict], int | None]) -> int | None:
+        return next((v for v in map(get, done) if v is not None), None)
+
+    sizes = {}
+    for split, results in per_split.items():
+        done = [results[reference]] if "test" in results.get(reference, {}) else []
+        done += [r for r in results.values() if "test" in r]
+        sizes[split] = {"train": first(done, lambda r: _positive_int(r.get("n_train"))),
+                        "val": first(done, lambda r: _positive_int(r.get("val", {}).get("n"))),
+                        "test": first(done, lambda r: _positive_int(r["test"].get("n")))}
+    return sizes
+
+
+def correction_ratio(sizes: Mapping[str, dict], splits: list[str]) -> float | None:
+    """n_test / n_train of these splits for the corrected interval: the mean of the splits' own ratios (the
+    ratio itself when the splits' parts are equal, as the manifest's fractions make them); None when a
+    split's sizes are unknown."""
+    ratios = [sizes[s]["test"] / sizes[s]["train"] for s in splits
+              if sizes.get(s, {}).get("train") and sizes.get(s, {}).get("test")]
+    return float(np.mean(ratios)) if ratios and len(ratios) == len(splits) else None
+
+
+def summarize(rows: list[Row], reference: str, per_split: Mapping[str, Mapping[str, dict]],
+              params: dict | None = None, *, images: bool = True) -> dict:
     """Per row: medians and means of its figures; against the reference: paired differences on the splits
-    both finished, with intervals, Wilcoxon p and the per-image bootstrap; the best row by median val SRCC."""
+    both finished, with the corrected resampled t-interval (the headline), the plain t-interval, the
+    bootstrap over splits, the exact Wilcoxon p and (with `images`) the per-image bootstrap; the best row
+    by median val SRCC over the splits every row that finished any split finished. `params` is unused (the
+    figures are in the results); it is accepted for the callers that pass it."""
     splits = list(per_split)
+    sizes = part_sizes(per_split, reference)
     summary_rows = []
     for row in rows:
         done = {s: per_split[s][row.name] for s in splits if "test" in per_split[s].get(row.name, {})}
@@ -391,34 +434,120 @@ def summarize(rows: list[Row], reference: str, per_split: Mapping[str, Mapping[s
                                              "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
                                              "per_split": {s: _metric(r, part, metric) for s, r in done.items()}}
         if row.name != reference:
-            entry["vs_reference"] = _paired(per_split, splits, row.name, reference)
+            entry["vs_reference"] = _paired(per_split, splits, row.name, reference, sizes, images)
         summary_rows.append(entry)
-    ranked = [e for e in summary_rows if e["val_srcc"]["median"] is not None]
-    best = max(ranked, key=lambda e: e["val_srcc"]["median"])["row"] if ranked else None
-    return {"reference": reference, "best_row_by_val": best, "rows": summary_rows, "per_split": per_split,
+    best, common, unranked = _best_by_val(summary_rows, splits)
+    return {"reference": reference, "best_row_by_val": best, "ranked_on_splits": common, "not_ranked": unranked,
+            "headline": HEADLINE, "part_sizes": sizes, "rows": summary_rows, "per_split": per_split,
             "notes": [("test figures are reported, never used to choose; the epoch of every model and the best "
-                      "row are chosen on validation SRCC"),
+                      "row are chosen on validation SRCC, on the splits every ranked row finished"),
                       "plcc_raw: Pearson on raw predictions; plcc_logistic: after the 4-parameter logistic fit",
-                      "differences are row minus reference on the same splits; intervals are 95%"]}
+                      "differences are row minus reference on the same splits; intervals are 95%",
+                      (f"headline interval: {HEADLINE} (Nadeau and Bengio 2003), mean +- t(n-1) * sqrt((1/n + "
+                       "n_test/n_train) * s^2), n_train the labelled train images a model was fitted on; the plain "
+                       "t-interval assumes independent splits and is too narrow for resampled ones; the bootstrap "
+                       f"over splits is descriptive below {BOOTSTRAP_MIN_SPLITS} splits"),
+                      "Wilcoxon p is exact on the non-zero differences; zeros are dropped and counted"]}
 
 
-def _paired(per_split, splits: list[str], row: str, reference: str) -> dict:
+def _best_by_val(entries: list[dict], splits: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """The row with the best median val SRCC over the splits every ranked row has a val SRCC on; rows that
+    finished no split are not ranked (they would leave no split to compare on)."""
+    ranked = [e for e in entries if any(v is not None for v in e["val_srcc"]["per_split"].values())]
+    common = [s for s in splits if all(e["val_srcc"]["per_split"].get(s) is not None for e in ranked)]
+    unranked = [e["row"] for e in entries if e not in ranked]
+    if not ranked or not common:
+        return None, common, unranked
+    best = max(ranked, key=lambda e: np.median([e["val_srcc"]["per_split"][s] for s in common]))
+    return best["row"], common, unranked
+
+
+def _paired(per_split, splits: list[str], row: str, reference: str, sizes: Mapping[str, dict],
+            images: bool = True) -> dict:
     both = [s for s in splits if "test" in per_split[s].get(row, {}) and "test" in per_split[s].get(reference, {})]
-    out: dict = {"splits": both}
+    ratio = correction_ratio(sizes, both)
+    out: dict = {"splits": both, "test_train_ratio": ratio, "headline": HEADLINE}
     for part, metrics in (("val", ("srcc",)), ("test", COMPARED)):
         for metric in metrics:
             pairs = [(_metric(per_split[s][row], part, metric), _metric(per_split[s][reference], part, metric))
                      for s in both]
             pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-            out[f"{part}_{metric}"] = paired_differences([a for a, _ in pairs], [b for _, b in pairs])
-    images = []
+            out[f"{part}_{metric}"] = paired_differences([a for a, _ in pairs], [b for _, b in pairs],
+                                                         test_train_ratio=ratio)
+    if not images:
+        return out
+    found = []
     for s in both:
         a, b = _predictions(per_split[s][row]), _predictions(per_split[s][reference])
         b = b.loc[a.index]
-        images.append((a["mos"].to_numpy(), a["prediction"].to_numpy(), b["prediction"].to_numpy()))
-    if images:
-        out["image_bootstrap"] = {m: image_bootstrap(images, m) for m in ("srcc", "plcc_raw")}
+        found.append((a["mos"].to_numpy(), a["prediction"].to_numpy(), b["prediction"].to_numpy()))
+    if found:
+        out["image_bootstrap"] = {m: image_bootstrap(found, m) for m in ("srcc", "plcc_raw")}
     return out
+
+
+def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> dict:
+    """Recompute a finished study's statistics from the per-split figures in its study.json (no training)
+    and rewrite study.json, study.md and the plot.
+
+    ``train_images``: the labelled train images per split, for a study.json written before the results
+    recorded ``n_train`` (a recorded size that differs is refused; without it, the train sizes of an earlier
+    re-summary's ``part_sizes`` are used). The per-image bootstrap is recomputed
+    when every predictions.csv is found (as recorded, or relative to the study folder); otherwise the stored
+    per-image bootstrap is kept as it was, and ``resummarized.image_bootstrap`` says so.
+    """
+    study_dir = Path(study_dir)
+    path = study_dir / "study.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; give the folder `qfm study --out` wrote")
+    old = json.loads(path.read_text())
+    missing = sorted({"reference", "rows", "per_split", "splits"} - set(old))
+    if missing:
+        raise ConfigError(f"{path}: not a study summary (no {missing})")
+    if train_images is not None and (not isinstance(train_images, int) or train_images < 1):
+        raise ConfigError(f"--train-images must be a positive whole number, got {train_images!r}")
+    per_split = json.loads(json.dumps(old["per_split"]))
+    for split, results in per_split.items():
+        for name, result in results.items():
+            if "test" not in result:
+                continue
+            recorded = _positive_int(result.get("n_train"))
+            summarized = _positive_int((old.get("part_sizes") or {}).get(split, {}).get("train"))
+            if recorded is None and (train_images or summarized):  # given now, or at an earlier re-summary
+                result["n_train"] = train_images or summarized
+            elif recorded is not None and train_images is not None and recorded != train_images:
+                raise ConfigError(f"{path}: row '{name}' on {split} records n_train {recorded}, not --train-images "
+                                  f"{train_images}; leave --train-images out")
+    rows = [Row(e["row"], tuple(f"{k}={v}" for k, v in e.get("overrides", {}).items())) for e in old["rows"]]
+    located = {}
+    for split, results in per_split.items():
+        for name, result in results.items():
+            if "predictions" in result:
+                recorded = Path(result["predictions"])
+                candidates = [recorded] if recorded.is_absolute() else [study_dir / recorded, recorded]
+                located[(split, name)] = next((c for c in candidates if c.is_file()), None)
+    images = bool(located) and all(p is not None for p in located.values())
+    if images:
+        for (split, name), found in located.items():
+            per_split[split][name]["predictions"] = str(found)
+    study = summarize(rows, old["reference"], per_split, images=images)
+    study["per_split"] = old["per_split"]  # as recorded (paths and all); sizes given here are in part_sizes
+    if not images:
+        stored = {e["row"]: e.get("vs_reference", {}).get("image_bootstrap") for e in old["rows"]}
+        for entry in study["rows"]:
+            if entry.get("vs_reference") is not None and stored.get(entry["row"]):
+                entry["vs_reference"]["image_bootstrap"] = stored[entry["row"]]
+    kept = {k: v for k, v in old.items() if k not in study and k != "resummarized"}
+    study |= kept
+    how = "recomputed"
+    if not images:
+        how = "stored, as the study's own code computed it (its predictions.csv files were not found)"
+        kept_boots = [b for boots in stored.values() if boots for b in boots.values()]
+        if any("n_degenerate" not in b for b in kept_boots):
+            how += "; that code scored a degenerate draw as a zero difference instead of dropping it"
+    study["resummarized"] = {"command": "qfm study-summary", "train_images": train_images, "image_bootstrap": how}
+    write_study(study_dir, study)
+    return study
 
 
 def _fmt(value: float | None, signed: bool = False) -> str:
@@ -431,15 +560,44 @@ def _ci(interval: list[float] | None) -> str:
     return "n/a" if interval is None else f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
+def _sizes_line(study: dict) -> str:
+    sizes = study.get("part_sizes") or {}
+    seen = {(v.get("train"), v.get("val"), v.get("test")) for v in sizes.values()}
+    if len(seen) == 1 and None not in next(iter(seen)):
+        train, val, test = next(iter(seen))
+        return (f"Parts per split: {train} train / {val} val / {test} test images; n_test/n_train = "
+                f"{test}/{train} = {test / train:.3f}.")
+    return "Parts per split: " + "; ".join(
+        f"{s} {v.get('train') or '?'} train / {v.get('val') or '?'} val / {v.get('test') or '?'} test"
+        for s, v in sizes.items()) + " (? unknown: no corrected interval on that split)."
+
+
+def _image_cell(boot: dict | None) -> str:
+    if not boot:
+        return ""
+    cell = f"{_fmt(boot['mean'], True)} {_ci(boot['ci'])}"
+    return cell + (f", {boot['n_degenerate']} degenerate draws dropped" if boot.get("n_degenerate") else "")
+
+
 def study_markdown(study: dict) -> str:
     """The study's tables: each row's own figures, then its paired differences with the reference."""
     ref, best = study["reference"], study["best_row_by_val"]
     n = len(study["splits"])
+    ranked_on = study.get("ranked_on_splits", study["splits"])
+    headline = study.get("headline", HEADLINE)
     lines = [f"# Study: {len(study['rows'])} rows on {n} splits ({', '.join(study['splits'])})", "",
-             f"Reference row: `{ref}`. Best row by median validation SRCC: `{best}` (chosen on validation only).",
-             "", "## Each row (median over splits; mean ± std of test SRCC)", "",
-             "| row | splits | val SRCC | test SRCC | test PLCC raw | test PLCC fitted | test SRCC mean ± std |",
-             "|---|---|---|---|---|---|---|"]
+             (f"Reference row: `{ref}`. Best row by median validation SRCC over the splits every ranked row "
+              f"finished ({', '.join(ranked_on) or 'none'}): `{best}` (chosen on validation only).")]
+    if study.get("not_ranked"):
+        lines.append(f"Not ranked (no finished split): {', '.join(f'`{r}`' for r in study['not_ranked'])}.")
+    lines += ["", (f"Headline interval: **{headline}** (Nadeau and Bengio 2003): mean ± t(n-1) · sqrt((1/n + "
+                   "n_test/n_train) · s²), n_train the labelled train images each model was fitted on. Resampled "
+                   "splits share most of their training images, so the plain t-interval (independent splits) is "
+                   f"too narrow; the bootstrap over splits is descriptive below {BOOTSTRAP_MIN_SPLITS} splits. "
+                   + _sizes_line(study)),
+              "", "## Each row (median over splits; mean ± std of test SRCC)", "",
+              "| row | splits | val SRCC | test SRCC | test PLCC raw | test PLCC fitted | test SRCC mean ± std |",
+              "|---|---|---|---|---|---|---|"]
     for e in study["rows"]:
         std = e["test_srcc"]["std"]
         mean = f"{_fmt(e['test_srcc']['mean'])} ± {_fmt(std)}" if std is not None else _fmt(e["test_srcc"]["mean"])
@@ -447,10 +605,12 @@ def study_markdown(study: dict) -> str:
         lines.append(f"| {e['row']}{mark} | {len(e['splits_done'])} | {_fmt(e['val_srcc']['median'])} | "
                      f"{_fmt(e['test_srcc']['median'])} | {_fmt(e['test_plcc_raw']['median'])} | "
                      f"{_fmt(e['test_plcc_logistic']['median'])} | {mean} |")
+    descriptive = n < BOOTSTRAP_MIN_SPLITS
     lines += ["", f"## Paired differences with `{ref}` (row minus reference, same splits)", "",
-              ("| row | metric | splits | mean | median | 95% CI bootstrap over splits | 95% CI t | "
-              "Wilcoxon p | wins/losses | per-image bootstrap mean [95% CI] |"),
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              (f"| row | metric | splits | mean | median | 95% CI {headline.removesuffix(', 95%')} (headline) | "
+               "95% CI plain t | 95% CI bootstrap over splits" + (" (descriptive)" if descriptive else "") +
+               " | Wilcoxon p (exact) | zeros | wins/losses | per-image bootstrap mean [95% CI] |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     labels = {"val_srcc": "val SRCC", "test_srcc": "test SRCC", "test_plcc_raw": "test PLCC raw",
               "test_plcc_logistic": "test PLCC fitted"}
     for e in study["rows"]:
@@ -460,15 +620,21 @@ def study_markdown(study: dict) -> str:
         for key, label in labels.items():
             d = vs[key]
             boot = vs.get("image_bootstrap", {}).get(key.removeprefix("test_")) if key.startswith("test") else None
-            image = f"{_fmt(boot['mean'], True)} {_ci(boot['ci'])}" if boot else ""
             p = "n/a" if d["wilcoxon_p"] is None else f"{d['wilcoxon_p']:.3f}"
             lines.append(f"| {e['row']} | {label} | {d['n']} | {_fmt(d['mean'], True)} | {_fmt(d['median'], True)} "
-                         f"| {_ci(d['ci_bootstrap'])} | {_ci(d['ci_t'])} | {p} | {d['wins']}/{d['losses']} | {image} |")
+                         f"| {_ci(d.get('ci_corrected'))} | {_ci(d['ci_t'])} | {_ci(d['ci_bootstrap'])} | {p} | "
+                         f"{d.get('wilcoxon_zeros', d['ties'])} | {d['wins']}/{d['losses']} | {_image_cell(boot)} |")
     failed = [(e["row"], s, err.splitlines()[0]) for e in study["rows"] for s, err in e["errors"].items()]
     if failed:
         lines += ["", "## Failed", ""] + [f"- `{r}` on {s}: {err}" for r, s, err in failed]
     lines += ["", "Notes: " + "; ".join(study["notes"]) + ". The per-image bootstrap resamples each split's test "
               "images (the same draw for both rows) and averages the difference over splits: it measures the "
               "test-sample noise for these trained models, not the training noise the split-level intervals "
-              "include.", ""]
+              "include; a draw whose metric is undefined on some split is dropped and counted."]
+    again = study.get("resummarized")
+    if again:
+        lines += ["", "Statistics recomputed from the recorded per-split figures (`qfm study-summary OUT"
+                  + (f" --train-images {again['train_images']}" if again.get("train_images") else "") + "`); "
+                  f"per-image bootstrap: {again['image_bootstrap']}."]
+    lines.append("")
     return "\n".join(lines)
