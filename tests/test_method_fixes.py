@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TRAINING
 from PIL import Image
 from torch import nn
 
@@ -24,23 +25,20 @@ from qfm.losses import LossWeights
 from qfm.registry.gate import decide
 from qfm.steps.pseudo_label import pseudo_label, read_pseudo_labels
 from qfm.steps.student import train_student
-from qfm.steps.teacher import train_teacher
 from qfm.train.engine import train_one_epoch
 from qfm.train.fit import build_model, crop_config, fit
 from qfm.train.steps import QccStep, plain_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = {"epochs": 1, "batch_size": 4, "n_crops": 1, "crop_size": 96, "test_grid": "1x2", "workers": 0,
-        "warmup_epochs": 0.5, "lr": 5e-4}
+TINY = TINY_TRAINING
 RUN = RunParams(split="split_0", device="cpu")
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_demo, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("teacher")
-    train_teacher(tiny_demo, out, TrainParams(**TINY), RUN, progress=False)
-    return out
+def teacher(tiny_teacher) -> Path:
+    """The session's teacher (TINY on split_0, as RUN asks), shared with test_training."""
+    return tiny_teacher[0]
 
 
 def _batch(n_images: int, crops: int, pseudo: list[int] = ()) -> dict:

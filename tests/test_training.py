@@ -4,12 +4,15 @@ refused corrupt checkpoints, NaN stops, the pair-aware sampler and the empty-pai
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TRAINING
 
 from qfm.config import BankParams, PseudoLabelParams, RunParams, StudentParams, TrainParams
 from qfm.data.manifest import read_manifest
@@ -27,8 +30,7 @@ from qfm.train.fit import build_model, crop_config, fit, load_trained_model
 from qfm.train.sampler import PairBatches, ShuffledBatches, pairs_in_batch
 from qfm.train.steps import plain_step
 
-TINY = {"epochs": 1, "batch_size": 4, "n_crops": 1, "crop_size": 96, "test_grid": "1x2", "workers": 0,
-        "warmup_epochs": 0.5, "lr": 5e-4}
+TINY = TINY_TRAINING  # the recipe of the shared tiny_teacher
 RUN = RunParams(split="split_0", device="cpu")
 
 
@@ -36,10 +38,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def chain(tiny_demo, tmp_path_factory):
-    """Run every training-time step once; the tests below read what each step wrote."""
+def chain(tiny_demo, tiny_teacher, tmp_path_factory):
+    """Run every training-time step once (the teacher is the session's tiny_teacher, trained with TINY on
+    split_0 as RUN asks); the tests below read what each step wrote."""
     out = tmp_path_factory.mktemp("chain")
-    teacher = train_teacher(tiny_demo, out / "teacher", TrainParams(**TINY), RUN, progress=False)
+    shutil.copytree(tiny_teacher[0], out / "teacher")
+    teacher = tiny_teacher[1]
     pseudo = pseudo_label(tiny_demo, out / "teacher", out / "pseudo", PseudoLabelParams(workers=0), RUN,
                           progress=False)
     bank = build_bank(tiny_demo, out / "teacher", out / "pseudo", out / "bank",
@@ -138,14 +142,35 @@ def _fit(tiny_demo, out, epochs, resume=False, step=plain_step, on_epoch=None, *
                on_epoch=on_epoch), model
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_demo, tmp_path):
-    straight, model_a = _fit(tiny_demo, tmp_path / "a", epochs=2)
-    with pytest.raises(Interrupted):  # the process dies right after epoch 0's checkpoint
-        _fit(tiny_demo, tmp_path / "b", epochs=2, on_epoch=_stop_after_first_epoch)
+@pytest.fixture(scope="module")
+def straight(tiny_demo, tmp_path_factory) -> dict:
+    """Two uninterrupted epochs; records every batch the training step was handed."""
+    seen = []
+
+    def recording_step(model, batch, device):
+        seen.append(batch["image"])
+        return plain_step(model, batch, device)
+
+    out = tmp_path_factory.mktemp("straight")
+    result, model = _fit(tiny_demo, out, epochs=2, step=recording_step)
+    return {"out": out, "result": result, "model": model, "seen": seen}
+
+
+@pytest.fixture(scope="module")
+def interrupted(tiny_demo, tmp_path_factory) -> Path:
+    """The same two epochs, but the process dies right after epoch 0's checkpoint. Tests resume a copy."""
+    out = tmp_path_factory.mktemp("interrupted")
+    with pytest.raises(Interrupted):
+        _fit(tiny_demo, out, epochs=2, on_epoch=_stop_after_first_epoch)
+    return out
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_demo, straight, interrupted, tmp_path):
+    shutil.copytree(interrupted, tmp_path / "b")
     resumed, model_b = _fit(tiny_demo, tmp_path / "b", epochs=2, resume=True)
-    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+    for (name, a), b in zip(straight["model"].state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
-    assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
+    assert [h["loss"] for h in straight["result"].history] == [h["loss"] for h in resumed.history]
 
 
 def test_last_and_averaged_selection_save_the_fixed_schedules_model_and_resume(tiny_demo, tmp_path, monkeypatch):
@@ -193,9 +218,9 @@ def test_corrupt_or_partial_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_nan_loss_stops_with_step_and_batch_named_and_keeps_the_last_good_checkpoint(tiny_demo, tmp_path):
-    with pytest.raises(Interrupted):
-        _fit(tiny_demo, tmp_path, epochs=2, on_epoch=_stop_after_first_epoch)
+def test_nan_loss_stops_with_step_and_batch_named_and_keeps_the_last_good_checkpoint(tiny_demo, interrupted,
+                                                                                    tmp_path):
+    shutil.copytree(interrupted, tmp_path, dirs_exist_ok=True)
     good = load_checkpoint(tmp_path / LAST)
 
     def nan_step(model, batch, device):
@@ -243,17 +268,11 @@ def test_synthetic_pool_distorts_train_images_only(chain, tiny_demo, tmp_path):
     assert table["kept"].sum() == round(0.5 * len(table))
 
 
-def test_training_gets_uint8_channels_last_batches_and_checkpoints_say_so(tiny_demo, tmp_path):
-    seen = []
-
-    def recording_step(model, batch, device):
-        seen.append(batch["image"])
-        return plain_step(model, batch, device)
-
-    _fit(tiny_demo, tmp_path, epochs=1, step=recording_step)
+def test_training_gets_uint8_channels_last_batches_and_checkpoints_say_so(straight):
+    seen = straight["seen"]
     assert seen and all(x.dtype == torch.uint8 and x.is_contiguous(memory_format=torch.channels_last)
                         and not x.is_contiguous() for x in seen)
-    crop = load_checkpoint(tmp_path / BEST)["crop"]
+    crop = load_checkpoint(straight["out"] / BEST)["crop"]
     assert crop["dtype"] == "uint8" and CropConfig(**crop).dtype == "uint8"
 
 
