@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines.submit", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Create the secrets first (names: --s3-secret, --mlflow-secret); see "
-                                            "the README section 'Run on Kubeflow'.")
+                                            "docs/kubeflow.md.")
     parser.add_argument("--host", required=True, help="KFP API URL, e.g. http://localhost:8080")
     parser.add_argument("--dataset-uri", required=True, help="the dataset release in object storage, s3://...")
     parser.add_argument("--pipeline-root", required=True, help="where the run's artifacts go, s3://bucket/prefix")

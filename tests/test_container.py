@@ -3,7 +3,7 @@ step in the image (kfp.local's DockerRunner through podman's Docker API) against
 with the SubprocessRunner's test metrics, and the image scores the demo images as this environment does.
 
 Opt-in, being heavy: QFM_CONTAINER_TESTS=1 (needs podman able to run containers; the
-first build downloads and installs several GB: see the README section "Run on Kubeflow").
+first build downloads and installs several GB: see docs/kubeflow.md).
 QFM_CONTAINER_IMAGE=NAME:TAG runs an image already built instead of running scripts/build_image.sh.
 """
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import TINY_TRAINING
 
 from qfm.cli import main
 from qfm.config import RunParams, TrainParams
@@ -128,9 +130,10 @@ def test_study_command_and_rows_errors(tiny_demo, tmp_path, capsys):
     assert [r.name for r in rows] == ["baseline", "qfm"] and reference == "baseline"
 
 
-def test_resume_with_other_parameters_is_refused_naming_them(tiny_demo, tmp_path):
+def test_resume_with_other_parameters_is_refused_naming_them(tiny_demo, tiny_teacher, tmp_path):
     run = RunParams(split="split_0", device="cpu")
-    train_teacher(tiny_demo, tmp_path, TrainParams(**TINY), run, progress=False)
+    assert TINY == TINY_TRAINING  # the shared teacher is this recipe on split_0: copy it instead of training
+    shutil.copytree(tiny_teacher[0], tmp_path, dirs_exist_ok=True)
     with pytest.raises(ConfigError, match=r"n_crops: 1 in the checkpoint, 2 now; lr: 0.0005 in the checkpoint, 0.001 now"):
         train_teacher(tiny_demo, tmp_path, TrainParams(**(TINY | {"lr": 1e-3, "n_crops": 2})), run, resume=True,
                       progress=False)
