@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -160,8 +160,12 @@ def test_package_refuses_a_folder_that_is_not_a_final_model(tmp_path):
 
 
 def _score_cli(args: list[str], capsys) -> pd.DataFrame:
-    assert main(["score", *args, "--quiet"]) == 0
-    return pd.read_csv(io.StringIO(capsys.readouterr().out))
+    """`qfm score ARGS` into a CSV file (a file, not captured stdout: a worker's stray output there once
+    shifted the header), read back."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "scores.csv"
+        assert main(["score", *args, "--quiet", "--out", str(out)]) == 0
+        return pd.read_csv(out)
 
 
 def test_qfm_score_without_model_uses_the_package_offline_on_both_engines(use_package, no_network, tiny_demo,
