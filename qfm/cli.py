@@ -581,8 +581,9 @@ def _run(args: argparse.Namespace) -> int:
     if not out_on_s3:
         return args.func(args)
     if _rank() != "0":  # under torchrun rank 0 stages, resumes and uploads; the other ranks write nothing
-        args.out = tempfile.mkdtemp(prefix="qfm-rank-")
-        return args.func(args)
+        with tempfile.TemporaryDirectory(prefix="qfm-rank-") as scratch:
+            args.out = scratch
+            return args.func(args)
     staged = StagedOutput(args.out, storage, resume=getattr(args, "resume", False),
                           progress=not getattr(args, "quiet", False))
     if staged.fetched is not None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from qfm.data.crops import CropConfig, decode, grid_crops, per_image_stats, positive_int
 from qfm.data.images import IMAGE_SUFFIXES, list_images
 from qfm.errors import ConfigError, DataError
-from qfm.onnx_engine import OnnxRuntimeScorer
+from qfm.onnx_engine import OnnxRuntimeScorer, load_onnx_model
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,6 @@ def load_engine_model(model_ref: str | Path, engine: str = "torch",
     if str(model_ref).startswith(MODEL_URI):
         raise ConfigError("the onnxruntime engine scores an exported .onnx file, not a registered model "
                           f"({model_ref}); use --engine torch, or export the model with qfm export")
-    from qfm.onnx_engine import load_onnx_model
 
     return (*load_onnx_model(model_ref), "cpu")
 
