@@ -34,13 +34,17 @@ def local_manifest(manifest_dir: str, dataset_dir: str) -> str:
     """A copy of the manifest whose dataset root is the Dataset artifact's local path in this container.
 
     The manifest records its root relative to where it was written; artifacts land at other paths in each
-    step's container, so every step that reads images re-roots a copy (a small Parquet file) first.
+    step's container, so every step that reads images re-roots a copy (a small Parquet file) first. The copy
+    is removed when the step's process ends (under kfp.local's SubprocessRunner, steps share the host's /tmp).
     """
+    import atexit
+    import shutil
     import tempfile
 
     from qfm.data.manifest import read_manifest, write_manifest
 
     work = tempfile.mkdtemp(prefix="qfm-manifest-")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     write_manifest(read_manifest(manifest_dir, root=dataset_dir), work)
     return work
 

@@ -25,5 +25,6 @@ def validate(manifest: Input[Dataset], dataset: Input[Dataset], params: str, tra
         if (work / REPORT_HTML).is_file():
             shutil.copyfile(work / REPORT_HTML, report.path)
             shutil.copyfile(work / REPORT_JSON, details.path)
+        shutil.rmtree(work, ignore_errors=True)
     note_summary(details, {"success": result.success, "n_rows": result.n_rows, **result.counts})
     print(result.summary())

@@ -58,6 +58,7 @@ def run_node(plan: dict) -> int:
     Returns torchrun's exit status (the pod's).
     """
     import os
+    import shutil
     import subprocess
     import sys
     import tempfile
@@ -69,23 +70,27 @@ def run_node(plan: dict) -> int:
     from qfm.storage.staging import Storage, fetch_folder
 
     work = Path(tempfile.mkdtemp(prefix="qfm-node-"))
-    storage = Storage(cache=work / "cache")  # endpoint: AWS_ENDPOINT_URL from the S3 secret, else AWS
-    dataset, fetched = fetch_folder(plan["dataset"], storage, what="dataset")
-    print(f"fetched {fetched.summary()}", flush=True)
-    manifest, fetched = fetch_folder(plan["manifest"], storage, what="--manifest")
-    write_manifest(read_manifest(manifest, root=dataset), work / "manifest")  # re-rooted at this node's copy
-    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan['nproc_per_node']}",
-            "-m", "qfm.cli", plan["step"], "--manifest", str(work / "manifest")]
-    for flag, uri in plan["inputs"].items():
-        local, fetched = fetch_folder(uri, storage, what=f"--{flag}")
+    try:  # the node's copies of the dataset and manifest go when torchrun ends (a local run shares /tmp)
+        storage = Storage(cache=work / "cache")  # endpoint: AWS_ENDPOINT_URL from the S3 secret, else AWS
+        dataset, fetched = fetch_folder(plan["dataset"], storage, what="dataset")
         print(f"fetched {fetched.summary()}", flush=True)
-        argv += [f"--{flag}", str(local)]
-    (work / "params.yaml").write_text(yaml.safe_dump(plan["params"], sort_keys=True))
-    argv += ["--params", str(work / "params.yaml"), "--out", plan["out"], "--resume", "--cache", str(storage.cache),
-             "--quiet"]
-    print(f"node {os.environ.get('PET_NODE_RANK', '?')} of {os.environ.get('PET_NNODES', '?')}: torchrun "
-          f"{' '.join(argv[3:])}", flush=True)
-    return subprocess.run(argv, check=False).returncode
+        manifest, fetched = fetch_folder(plan["manifest"], storage, what="--manifest")
+        write_manifest(read_manifest(manifest, root=dataset), work / "manifest")  # re-rooted at this node's copy
+        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={plan['nproc_per_node']}",
+                "-m", "qfm.cli", plan["step"], "--manifest", str(work / "manifest")]
+        for flag, uri in plan["inputs"].items():
+            local, fetched = fetch_folder(uri, storage, what=f"--{flag}")
+            print(f"fetched {fetched.summary()}", flush=True)
+            argv += [f"--{flag}", str(local)]
+        (work / "params.yaml").write_text(yaml.safe_dump(plan["params"], sort_keys=True))
+        argv += ["--params", str(work / "params.yaml"), "--out", plan["out"], "--resume", "--cache", str(storage.cache),
+                 "--quiet"]
+        print(f"node {os.environ.get('PET_NODE_RANK', '?')} of {os.environ.get('PET_NNODES', '?')}: torchrun "
+              f"{' '.join(argv[3:])}", flush=True)
+        (work / "tmp").mkdir()  # torchrun's and the ranks' scratch folders, removed with the rest
+        return subprocess.run(argv, check=False, env=os.environ | {"TMPDIR": str(work / "tmp")}).returncode
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def node_command() -> list:

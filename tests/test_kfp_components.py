@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -97,7 +101,9 @@ def test_section_parameters_are_checked_by_the_schema(demo, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_validate_reports_in_html_and_fails_on_a_failed_check(demo, manifest, tmp_path):
+def test_validate_reports_in_html_and_fails_on_a_failed_check(demo, manifest, tmp_path, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     report, details = out(HTML, tmp_path / "ok.html"), out(Artifact, tmp_path / "ok.json")
     qc.validate.python_func(manifest=manifest, dataset=demo, params=sections()["validate"],
                             tracking=sections()["tracking"], report=report, details=details)
@@ -109,6 +115,16 @@ def test_validate_reports_in_html_and_fails_on_a_failed_check(demo, manifest, tm
         qc.validate.python_func(manifest=manifest, dataset=demo, params='{"min_width": 4096, "min_height": 96}',
                                 tracking="{}", report=report, details=details)
     assert "FAILED" in Path(report.path).read_text()  # the report is written before the step fails
+    assert not list((tmp_path / "tmp").glob("qfm-validate-*"))  # its working folder is gone, pass or fail
+
+
+def test_a_steps_manifest_copy_is_removed_when_its_process_ends(demo, manifest, tmp_path):
+    code = ("import sys; from pathlib import Path; from components.base import local_manifest; "
+            "work = local_manifest(sys.argv[1], sys.argv[2]); print(work, (Path(work) / 'manifest.parquet').is_file())")
+    done = subprocess.run([sys.executable, "-c", code, manifest.path, demo.path], capture_output=True, text=True,
+                          check=True, env=os.environ | {"TMPDIR": str(tmp_path)}, cwd=Path(__file__).parents[1])
+    work, written = done.stdout.split()
+    assert written == "True" and Path(work).parent == tmp_path and not Path(work).exists()
 
 
 def test_training_components_log_the_chosen_epochs_validation_metrics(chain):

@@ -245,7 +245,8 @@ def cluster(tmp_path, s3_env, monkeypatch):
     base_env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this venv: the image
                  "OMP_NUM_THREADS": "1", "AWS_CONFIG_FILE": s3_env["AWS_CONFIG_FILE"],
                  "AWS_SHARED_CREDENTIALS_FILE": s3_env["AWS_SHARED_CREDENTIALS_FILE"],
-                 "AWS_EC2_METADATA_DISABLED": "true"}
+                 "AWS_EC2_METADATA_DISABLED": "true", "TMPDIR": str(tmp_path / "node-tmp")}
+    (tmp_path / "node-tmp").mkdir()
     secrets = {"qfm-s3": {k: s3_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
                                                  "AWS_DEFAULT_REGION")},
                "qfm-mlflow": {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
@@ -412,6 +413,8 @@ def test_a_trainjob_trains_the_tiny_demo_with_torchrun_and_the_step_logs_its_met
     written = json.loads((tmp_path / "model" / "summary.json").read_text())
     assert summary == written and summary["best_epoch"] == 0 and summary["selected_on"] == "val srcc"
     assert (tmp_path / "model" / "best.safetensors").is_file()  # from S3, where rank 0 wrote it
+    # the node's copies and torchrun's scratch folders are gone with the job
+    assert not [p.name for p in (tmp_path / "node-tmp").iterdir() if p.name.startswith(("qfm-", "torchelastic_"))]
 
 
 @pytest.mark.slow
