@@ -118,8 +118,15 @@ def test_params_file_drives_ingest_and_a_wrong_key_is_rejected(tmp_path):
 
 
 def test_demo_data_ingests_and_validates(tmp_path):
-    out = qfm("demo-data", "--out", str(tmp_path / "demo"), "--seed", "1")
+    """demo-data reads its sizes from --params (a small demo here: test_demo checks the default sizes)."""
+    params = tmp_path / "params.yaml"
+    params.write_text("demo: {seed: 0, n_scenes: 3, n_references: 1, n_levels: 2, pool_levels: 1, image_size: 224}\n")
+    out = qfm("demo-data", "--out", str(tmp_path / "demo"), "--seed", "1", "--params", str(params))
     assert out.returncode == 0, out.stderr
+    scores = pd.read_csv(tmp_path / "demo" / "scores.csv")
+    assert set(scores["level"]) == {1, 2} and scores["ref"].nunique() == 4  # 3 scenes and 1 photograph
+    with Image.open(tmp_path / "demo" / scores["image"].iloc[0]) as img:
+        assert img.size == (224, 224)
     assert qfm("ingest", "--format", "demo", "--root", str(tmp_path / "demo"), "--out", str(tmp_path / "m"),
                "--quiet").returncode == 0
     check = qfm("validate", str(tmp_path / "m"), "--quiet")
