@@ -261,7 +261,7 @@ def _print_study_rows(study: dict) -> None:
 def cmd_study_summary(args: argparse.Namespace) -> int:
     from qfm.steps.study import resummarize
 
-    study = resummarize(args.study, train_images=args.train_images)
+    study = resummarize(args.study, train_images=args.train_images, reference=args.reference)
     _print_study_rows(study)
     print(f"best row by median val SRCC: {study['best_row_by_val']}; rewrote {args.study}/study.json, study.md, "
           f"study_differences.png (per-image bootstrap: {study['resummarized']['image_bootstrap']})")
@@ -445,6 +445,8 @@ def _add_training_steps(sub) -> None:
     summary.add_argument("study", help="the folder `qfm study --out` wrote (holds study.json)")
     summary.add_argument("--train-images", type=int, help="labelled train images per split, for a study.json "
                                                           "whose results do not record n_train (older studies)")
+    summary.add_argument("--reference", metavar="ROW", help="compare every row with this row instead of the "
+                                                             "study's reference (the rows file's)")
     summary.set_defaults(func=cmd_study_summary)
     score = sub.add_parser("score", help="score image files or folders with a trained model",
                            description="Quality scores in [0, 1] (higher = better) by the deterministic multi-crop "

@@ -109,6 +109,35 @@ def test_study_summary_recomputes_an_older_study_json_keeping_its_stored_image_b
         resummarize(tmp_path / "nowhere")
 
 
+def test_study_summary_compares_with_another_reference_row(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    original = summarize(ROWS, "baseline", _per_split(runs), None) | {"splits": SPLITS}
+    (study_dir / "study.json").write_text(json.dumps(original))
+
+    assert main(["study-summary", str(study_dir), "--reference", "qcc"]) == 0
+    again = json.loads((study_dir / "study.json").read_text())
+    assert again["reference"] == "qcc" and again["resummarized"]["reference"] == "qcc"
+    rows = {e["row"]: e for e in again["rows"]}
+    assert "vs_reference" not in rows["qcc"]
+    vs = rows["baseline"]["vs_reference"]  # baseline minus qcc, on the splits both finished
+    assert vs["splits"] == ["split_0", "split_1"] and vs["test_srcc"]["differences"] == pytest.approx([-0.01, 0.02])
+    assert vs["image_bootstrap"]["srcc"]["n_images"] > 0  # recomputed: the predictions are there
+    assert "`qfm study-summary OUT --reference qcc`" in (study_dir / "study.md").read_text()
+
+    shutil.rmtree(runs)  # without the predictions, a stored bootstrap (against the other row) is not kept
+    (study_dir / "study.json").write_text(json.dumps(original))
+    again = resummarize(study_dir, reference="qcc")
+    assert "image_bootstrap" not in {e["row"]: e for e in again["rows"]}["baseline"]["vs_reference"]
+    assert again["resummarized"]["image_bootstrap"].startswith("left out")
+    capsys.readouterr()
+    assert main(["study-summary", str(study_dir), "--reference", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--reference 'nope' is not a row of" in err and "its rows: baseline, qcc" in err
+
+
 def test_the_study_report_component_logs_the_headline_interval(tmp_path):
     plan = tmp_path / "plan"
     plan.mkdir()

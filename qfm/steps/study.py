@@ -486,9 +486,12 @@ def _paired(per_split, splits: list[str], row: str, reference: str, sizes: Mappi
     return out
 
 
-def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> dict:
+def resummarize(study_dir: str | Path, *, train_images: int | None = None, reference: str | None = None) -> dict:
     """Recompute a finished study's statistics from the per-split figures in its study.json (no training)
     and rewrite study.json, study.md and the plot.
+
+    ``reference``: compare every row with this row instead of the study's own reference (a stored per-image
+    bootstrap, made against the old reference, is then dropped when the predictions are not found).
 
     ``train_images``: the labelled train images per split, for a study.json written before the results
     recorded ``n_train`` (a recorded size that differs is refused; without it, the train sizes of an earlier
@@ -519,6 +522,11 @@ def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> di
                 raise ConfigError(f"{path}: row '{name}' on {split} records n_train {recorded}, not --train-images "
                                   f"{train_images}; leave --train-images out")
     rows = [Row(e["row"], tuple(f"{k}={v}" for k, v in e.get("overrides", {}).items())) for e in old["rows"]]
+    names = [row.name for row in rows]
+    if reference is not None and reference not in names:
+        raise ConfigError(f"--reference {reference!r} is not a row of {path}; its rows: {', '.join(names)}")
+    reference = reference or old["reference"]
+    same_reference = reference == old["reference"]
     located = {}
     for split, results in per_split.items():
         for name, result in results.items():
@@ -530,9 +538,9 @@ def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> di
     if images:
         for (split, name), found in located.items():
             per_split[split][name]["predictions"] = str(found)
-    study = summarize(rows, old["reference"], per_split, images=images)
+    study = summarize(rows, reference, per_split, images=images)
     study["per_split"] = old["per_split"]  # as recorded (paths and all); sizes given here are in part_sizes
-    if not images:
+    if not images and same_reference:
         stored = {e["row"]: e.get("vs_reference", {}).get("image_bootstrap") for e in old["rows"]}
         for entry in study["rows"]:
             if entry.get("vs_reference") is not None and stored.get(entry["row"]):
@@ -540,12 +548,15 @@ def resummarize(study_dir: str | Path, *, train_images: int | None = None) -> di
     kept = {k: v for k, v in old.items() if k not in study and k != "resummarized"}
     study |= kept
     how = "recomputed"
-    if not images:
+    if not images and not same_reference:
+        how = "left out: its predictions.csv files were not found, and the stored one compares with another row"
+    elif not images:
         how = "stored, as the study's own code computed it (its predictions.csv files were not found)"
         kept_boots = [b for boots in stored.values() if boots for b in boots.values()]
         if any("n_degenerate" not in b for b in kept_boots):
             how += "; that code scored a degenerate draw as a zero difference instead of dropping it"
-    study["resummarized"] = {"command": "qfm study-summary", "train_images": train_images, "image_bootstrap": how}
+    study["resummarized"] = {"command": "qfm study-summary", "train_images": train_images, "image_bootstrap": how,
+                             "reference": None if same_reference else reference, "study_reference": old["reference"]}
     write_study(study_dir, study)
     return study
 
@@ -634,7 +645,8 @@ def study_markdown(study: dict) -> str:
     again = study.get("resummarized")
     if again:
         lines += ["", "Statistics recomputed from the recorded per-split figures (`qfm study-summary OUT"
-                  + (f" --train-images {again['train_images']}" if again.get("train_images") else "") + "`); "
+                  + (f" --train-images {again['train_images']}" if again.get("train_images") else "")
+                  + (f" --reference {again['reference']}" if again.get("reference") else "") + "`); "
                   f"per-image bootstrap: {again['image_bootstrap']}."]
     lines.append("")
     return "\n".join(lines)
